@@ -1,0 +1,57 @@
+# qadapter: `make run` executes the notebook series, `make test` runs the tests and every notebook under nbval.
+# Both create the environment (.venv, Python 3.11 + pip) first if it is missing or pyproject.toml changed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# The CPU build of torch for CI and local runs (already on this machine's disk; no multi-GB CUDA download).
+TORCH  ?= torch==2.13.0
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+NBVAL  := --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout=900
+export PYTHONHASHSEED := 0
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE ?= 1
+export MPLBACKEND := module://matplotlib_inline.backend_inline
+
+.PHONY: help env run test test-package test-notebooks lab tiny-model compat-matrix clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+env: $(STAMP)  ## create .venv with the pinned stack and qadapter_utils (editable)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+run: $(STAMP)  ## execute every notebook in order on the embedded tiny model (outputs written into the notebooks)
+	@for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb"; start=$$(date +%s); \
+	  (cd notebooks && ../$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	     --ExecutePreprocessor.timeout=1800 --log-level=WARN $$(basename $$nb)) || exit 1; \
+	  echo "   $$(( $$(date +%s) - start )) s"; \
+	done
+
+test: $(STAMP)  ## run tests/ and nbval over every notebook
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests $(NBVAL) $(NOTEBOOKS)
+
+test-package: $(STAMP)  ## only tests/ (no notebooks)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+test-notebooks: $(STAMP)  ## only nbval over every notebook
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(NBVAL) $(NOTEBOOKS)
+
+lab: $(STAMP)  ## open JupyterLab with this environment's kernel
+	cd notebooks && ../$(BIN)/jupyter lab
+
+tiny-model: $(STAMP)  ## regenerate the embedded tiny Llama 2 (a few minutes on 2 cores)
+	$(BIN)/python -m qadapter_utils.tiny.build
+
+compat-matrix: $(STAMP)  ## regenerate docs/compat_matrix.md and .json
+	$(BIN)/python -m qadapter_utils.compat
+
+clean:  ## remove the environment and caches (never touches notebooks, adapters or checkpoints you saved)
+	rm -rf $(VENV) .pytest_cache build *.egg-info
