@@ -83,8 +83,11 @@ def _default_model_and_reason() -> tuple[str, str]:
     return "tiny", "no CUDA GPU: the embedded tiny Llama 2 runs on the CPU; set QADAPTER_MODEL to override"
 
 
-def bnb_config(bits: int | None, quant_type: str = "nf4", double_quant: bool = True, compute_dtype=None):
-    """The `BitsAndBytesConfig` for `bits` (None for no quantization). (02_loading_quantized)"""
+def bnb_config(bits: int | None, quant_type: str = "nf4", double_quant: bool = True, compute_dtype=None,
+               quant_storage=None):
+    """The `BitsAndBytesConfig` for `bits` (None for no quantization). quant_storage: the dtype the packed 4-bit
+    codes are stored in (default uint8); FSDP needs it equal to the compute dtype so that it can shard the
+    quantized weights with the rest (06_multi_gpu). (02_loading_quantized)"""
     _check_quant_args(bits, quant_type)
     if bits is None:
         return None
@@ -94,16 +97,18 @@ def bnb_config(bits: int | None, quant_type: str = "nf4", double_quant: bool = T
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_quant_storage=_as_dtype(quant_storage) or torch.uint8)
 
 
 def load_model(name: str = "tiny", bits: int | None = None, quant_type: str = "nf4", double_quant: bool = True,
-               compute_dtype=None, device_map=None):
+               compute_dtype=None, device_map=None, quant_storage=None):
     """Load `name` as (model, tokenizer), quantized through `BitsAndBytesConfig` when `bits` is 4 or 8.
 
     name: "tiny" (embedded, no network); a hub id or local path; or "random:<shape>" with a shape from SHAPES
     (the real architecture with random weights, no download; tokenized with the tiny tokenizer).
     compute_dtype: None picks bf16 on GPUs that support it, fp16 on other GPUs (Colab's T4), fp32 on the CPU.
+    device_map: default the whole model on GPU $LOCAL_RANK (0 outside a distributed launch), else the CPU.
     Non-quantized parts (embeddings, norms, lm_head) are kept in compute_dtype. The model is returned in eval
     mode, as `from_pretrained` returns it: call `model.train()` before a hand-written training loop.
     (00_setup, 02_loading_quantized)
@@ -116,9 +121,9 @@ def load_model(name: str = "tiny", bits: int | None = None, quant_type: str = "n
     path = _resolve(name, dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quantization_config = bnb_config(bits, quant_type, double_quant, dtype)
-    if device_map is None:
-        device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    quantization_config = bnb_config(bits, quant_type, double_quant, dtype, quant_storage)
+    if device_map is None:  # under a distributed launcher each process takes its own GPU
+        device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config, dtype=dtype,
                                                      device_map=device_map)
@@ -213,11 +218,16 @@ def _random_checkpoint(shape: str, dtype) -> Path:
 
     config = model_config(shape)
     torch.manual_seed(0)
-    target = "cuda" if torch.cuda.is_available() else "cpu"
+    target = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     with torch.device(target):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tmp = folder.with_name(folder.name + ".partial")
+    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")  # several processes may build it at once
     model.save_pretrained(tmp, safe_serialization=True)
     del model
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished first: keep its copy
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
