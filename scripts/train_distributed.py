@@ -57,7 +57,7 @@ def main(argv=None) -> dict | None:
 
     import qadapter_utils as qu
     from qadapter_utils.data import load_instruction_data
-    from qadapter_utils.train import make_trainer, save_trained_adapter
+    from qadapter_utils.train import make_trainer, save_trained_adapter, step_stats
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -104,10 +104,13 @@ def main(argv=None) -> dict | None:
         dist.all_gather_object(peaks, peak)
     losses = [round(h["loss"], 6) for h in trainer.state.log_history if "loss" in h]
     tokens = int(trainer.state.num_input_tokens_seen)
+    step_seconds = step_stats(trainer)["seconds per step"]  # median, first step (warm-up) excluded
     result = {
         "model": args.model, "bits": args.bits, "method": args.method, "world_size": world, "fsdp": args.fsdp,
         "steps": args.steps, "global_batch": args.global_batch, "losses": losses, "tokens": tokens,
         "seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1),
+        "median_step_seconds": round(step_seconds, 4),
+        "steady_tokens_per_second": round(tokens / args.steps / step_seconds, 1),
         "peak_allocated_gib_per_process": [None if p is None else round(p / 2**30, 3) for p in peaks],
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "max_weight_difference_between_processes": spread,
