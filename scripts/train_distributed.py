@@ -61,6 +61,11 @@ def main(argv=None) -> dict | None:
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
+    if world == 1 and "CUDA_VISIBLE_DEVICES" not in os.environ and torch.cuda.device_count() > 1:
+        # Without a launcher the Trainer would spread one process over all GPUs with nn.DataParallel (a
+        # different algorithm, with twice the batch): a single process means a single GPU.
+        raise SystemExit("one process on a machine with several GPUs: set CUDA_VISIBLE_DEVICES=0 for a 1-GPU run, "
+                         "or use accelerate launch for N processes")
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} must be divisible by the {world} processes")
     if rank == 0 and args.out.exists() and any(args.out.iterdir()):
@@ -69,6 +74,8 @@ def main(argv=None) -> dict | None:
     quant_storage = "bfloat16" if args.fsdp else None
     model, tokenizer = qu.load_model(args.model, bits=args.bits, quant_storage=quant_storage)
     name = qu.add_adapter(model, args.method)
+    # adapters.init replaces the decoder layer class; FSDP must wrap the class the model really has
+    os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = type(model.model.layers[0]).__name__
     if args.synthetic_length:
         n = args.global_batch * args.steps
         train = _synthetic_rows(n, args.synthetic_length, model.config.vocab_size, args.seed)
