@@ -23,7 +23,7 @@ from qadapter_utils.tiny.corpus import corpus
 MODEL_DIR = Path(__file__).parent / "model"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # as in Llama 2: no padding token of its own
 TINY_CONFIG = dict(
-    vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+    vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
     hidden_act="silu", tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
 )
