@@ -14,8 +14,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_model": "models", "default_model": "models", "bnb_config": "models", "model_config": "models",
     "ModelLoadError": "models", "SHAPES": "models",
-    "footprint": "footprint",
-    "add_adapter": "methods", "trainable_summary": "methods", "PRESETS": "methods",
+    "footprint": "weights", "dequantized_weight": "weights",
+    "add_adapter": "methods", "trainable_summary": "methods", "PRESETS": "methods", "DESCRIPTIONS": "methods",
+    "adapter_config": "methods", "save_adapter": "methods", "load_adapter": "methods",
+    "AdapterMethodError": "methods",
+    "weight_memory": "quant", "bits_per_param": "quant", "measured_weight_memory": "quant",
     "merge_lora": "merge",
 }
 __all__ = sorted(_EXPORTS) + ["env", "quant"]
@@ -24,6 +27,6 @@ __all__ = sorted(_EXPORTS) + ["env", "quant"]
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"qadapter_utils.{_EXPORTS[name]}"), name)
-    if name in ("env", "quant", "models", "methods", "data", "train", "memory", "plots", "footprint", "merge"):
+    if name in ("env", "quant", "models", "methods", "data", "train", "memory", "weights", "compat", "merge", "loss"):
         return importlib.import_module(f"qadapter_utils.{name}")
     raise AttributeError(f"module 'qadapter_utils' has no attribute {name!r}")

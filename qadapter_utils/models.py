@@ -8,6 +8,8 @@ Introduced in notebooks/00_setup.ipynb and notebooks/02_loading_quantized.ipynb.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import tempfile
@@ -211,7 +213,8 @@ def _random_checkpoint(shape: str, dtype) -> Path:
     if shape not in SHAPES:
         raise ModelLoadError(f"unknown shape {shape!r} in 'random:{shape}': choose one of {sorted(SHAPES)}")
     cache = Path(os.environ.get("QADAPTER_CACHE", Path(tempfile.gettempdir()) / "qadapter"))
-    folder = cache / f"random-{shape}-{str(dtype).replace('torch.', '')}"
+    shape_key = hashlib.sha1(json.dumps(SHAPES[shape], sort_keys=True).encode()).hexdigest()[:8]  # shape edits
+    folder = cache / f"random-{shape}-{str(dtype).replace('torch.', '')}-{shape_key}"
     if (folder / "config.json").exists():
         return folder
     from transformers import AutoModelForCausalLM

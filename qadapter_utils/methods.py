@@ -1,0 +1,510 @@
+"""Adapter methods on a (quantized) Llama: presets, `add_adapter`, `load_adapter` and `trainable_summary`.
+
+    model, tok = qadapter_utils.load_model("tiny", bits=4)
+    name = add_adapter(model, "lora")             # QLoRA default: r=16, alpha=32 on q and v
+    name = add_adapter(model, "seq_bn", reduction_factor=8)
+    trainable_summary(model)
+
+Built on AdapterHub `adapters` 1.3.0: the configs are its own classes, `add_adapter` calls its `init`, `add_adapter`,
+`train_adapter` and `adapter_to`. What this module adds is what people trip over on a quantized base: adapter
+weights kept in fp32 while the base computes in bf16/fp16 (casting at the adapter's edge), gradient checkpointing
+with a frozen embedding, and clear errors, raised before `adapters` fails deep inside, for what does not work on
+a quantized base in adapters 1.3.0 (see `_check_supported`).
+
+Introduced in notebooks/03_adapters_on_quantized.ipynb. Works when copied alone (needs only the pinned libraries).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import adapters
+from adapters import (
+    CompacterConfig,
+    CompacterPlusPlusConfig,
+    ConfigUnion,
+    DiReftConfig,
+    DoRAConfig,
+    DoubleSeqBnConfig,
+    IA3Config,
+    LoRAConfig,
+    LoReftConfig,
+    MAMConfig,
+    NoReftConfig,
+    ParBnConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    SeqBnConfig,
+    SeqBnInvConfig,
+    UniPELTConfig,
+    VeraConfig,
+)
+from adapters.configuration.adapter_config import AdapterConfig, BnConfig
+
+# Preset name -> (factory of a fresh adapters config, one line: what it is and where it attaches on Llama/Mistral).
+# Where adapters 1.3.0 wraps Llama's linear layers: LoRA-type methods can target q_proj, k_proj, v_proj
+# ("selfattn", chosen by attn_matrices), down_proj ("intermediate_lora") and up_proj ("output_lora");
+# o_proj and gate_proj are not adaptable in adapters 1.3.0.
+_PRESETS: dict[str, tuple[Callable[[], AdapterConfig], str]] = {
+    "lora": (lambda: LoRAConfig(r=16, alpha=32),
+             "LoRA r=16, alpha=32 on q_proj and v_proj (the QLoRA-on-attention default of our benchmarks)"),
+    "lora_all": (lambda: LoRAConfig(r=16, alpha=32, attn_matrices=["q", "k", "v"], intermediate_lora=True,
+                                    output_lora=True),
+                 "LoRA r=16, alpha=32 on every linear layer adapters can wrap: q, k, v, up_proj, down_proj "
+                 "(adapters 1.3.0 cannot wrap o_proj and gate_proj of Llama)"),
+    "dora": (lambda: DoRAConfig(r=16, alpha=16),
+             "DoRA (LoRA + learned per-row magnitude) r=16 on q_proj and v_proj; unquantized base only. alpha = r "
+             "because adapters 1.3.0 normalises by ||W + BA|| while adding (alpha/r)·BA: equal only when alpha = r"),
+    "ia3": (lambda: IA3Config(),
+            "(IA)^3: learned vectors scaling the outputs of k_proj, v_proj and down_proj"),
+    "vera": (lambda: VeraConfig(),
+             "VeRA: frozen random low-rank matrices shared by all layers, on q_proj, v_proj; adapters 1.3.0 trains "
+             "its scaling 'vectors' as full (out x out and r x r) diagonal-initialised matrices"),
+    "prefix": (lambda: PrefixTuningConfig(),
+               "prefix tuning: 30 trained key/value vectors prepended in every attention layer (through an MLP "
+               "with bottleneck 512 during training)"),
+    "prefix_flat": (lambda: PrefixTuningConfig(flat=True),
+                    "prefix tuning without the reparametrising MLP: 30 key/value vectors per layer trained directly"),
+    "seq_bn": (lambda: SeqBnConfig(),
+               "sequential bottleneck adapter (Pfeiffer): a down/up MLP (hidden/16) after each layer's MLP block"),
+    "double_seq_bn": (lambda: DoubleSeqBnConfig(),
+                      "two sequential bottleneck adapters (Houlsby): after attention and after the MLP, hidden/16"),
+    "par_bn": (lambda: ParBnConfig(),
+               "parallel bottleneck adapter (He et al.): a down/up MLP (hidden/2, scaled x4) beside each MLP block"),
+    "seq_bn_inv": (lambda: SeqBnInvConfig(),
+                   "seq_bn plus an invertible (NICE) adapter on the token embeddings"),
+    "compacter": (lambda: CompacterConfig(),
+                  "Compacter: double_seq_bn with Kronecker-factored (PHM) projections, hidden/32"),
+    "compacter++": (lambda: CompacterPlusPlusConfig(),
+                    "Compacter++: seq_bn with Kronecker-factored (PHM) projections, hidden/32"),
+    "mam": (lambda: MAMConfig(),
+            "Mix-and-Match: prefix tuning (bottleneck 800) in attention + par_bn beside the MLP"),
+    "unipelt": (lambda: UniPELTConfig(),
+                "UniPELT: gated prefix tuning (10 tokens) + gated seq_bn (hidden/16) + gated LoRA (r=8) on q, v"),
+    "loreft": (lambda: LoReftConfig(dropout=0.0),
+               "LoReFT: rank-1 orthogonal intervention on each layer's output at the first 3 positions (dropout 0; "
+               "adapters' default 0.05 makes 3-step loss checks noisy)"),
+    "noreft": (lambda: NoReftConfig(dropout=0.0),
+               "NoReFT: LoReFT without the orthogonality constraint"),
+    "direft": (lambda: DiReftConfig(dropout=0.0),
+               "DiReFT: NoReFT without subtracting the projection"),
+    "prompt_tuning": (lambda: PromptTuningConfig(),
+                      "prompt tuning: 10 trained input embeddings; NOT supported on Llama/Mistral by adapters 1.3.0"),
+}
+
+#: preset name -> factory returning a fresh `adapters` config. (03_adapters_on_quantized)
+PRESETS: dict[str, Callable[[], AdapterConfig]] = {name: factory for name, (factory, _) in _PRESETS.items()}
+#: preset name -> one-line description (what it is, where it attaches). (03_adapters_on_quantized)
+DESCRIPTIONS: dict[str, str] = {name: text for name, (_, text) in _PRESETS.items()}
+
+
+class AdapterMethodError(ValueError):
+    """Raised (before `adapters` fails deep inside) with a message saying what to use instead."""
+
+
+def adapter_config(method: str | AdapterConfig, **overrides) -> AdapterConfig:
+    """An `adapters` config object for `method` (a preset name from PRESETS or any adapters config object),
+    with `overrides` applied through `.replace(**overrides)`. For a union (mam, unipelt) each override goes to the
+    components that have that field. (03_adapters_on_quantized)"""
+    if isinstance(method, str):
+        key = method.strip().lower().replace("-", "_")
+        if key not in PRESETS:
+            raise AdapterMethodError(
+                f"unknown adapter method {method!r}. Presets: {', '.join(PRESETS)}; or pass any `adapters` config "
+                f"object, e.g. adapters.LoRAConfig(r=8)")
+        config = PRESETS[key]()
+    elif isinstance(method, AdapterConfig):
+        config = method
+    else:
+        raise AdapterMethodError(f"method must be a preset name ({', '.join(PRESETS)}) or an `adapters` config "
+                                 f"object, got {type(method).__name__}")
+    return _apply_overrides(config, overrides) if overrides else config
+
+
+def _fields(config: AdapterConfig) -> set[str]:
+    return {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
+
+
+def _apply_overrides(config: AdapterConfig, overrides: dict) -> AdapterConfig:
+    if isinstance(config, ConfigUnion):
+        known = set().union(*(_fields(c) for c in config.configs))
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise AdapterMethodError(
+                f"{type(config).__name__} has no field {', '.join(map(repr, unknown))}; its components "
+                f"({', '.join(type(c).__name__ for c in config.configs)}) accept: {', '.join(sorted(known))}")
+        parts = [c.replace(**{k: v for k, v in overrides.items() if k in _fields(c)}) for c in config.configs]
+        union = ConfigUnion(*parts)
+        return union
+    known = _fields(config)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise AdapterMethodError(
+            f"{type(config).__name__} has no field {', '.join(map(repr, unknown))}; valid fields: "
+            f"{', '.join(sorted(known))}")
+    return config.replace(**overrides)
+
+
+def _components(config: AdapterConfig) -> list[AdapterConfig]:
+    return list(config.configs) if isinstance(config, ConfigUnion) else [config]
+
+
+def is_quantized(model) -> str | None:
+    """'4bit', '8bit' or None: whether `model` holds bitsandbytes-quantized linear layers."""
+    try:
+        from bitsandbytes.nn import Linear4bit, Linear8bitLt
+    except ImportError:  # bitsandbytes missing: nothing can be quantized
+        return None
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            return "4bit"
+        if isinstance(module, Linear8bitLt):
+            return "8bit"
+    return None
+
+
+def _check_supported(model, config: AdapterConfig) -> None:
+    """Raise AdapterMethodError for the combinations adapters 1.3.0 cannot run, naming what works instead."""
+    arch = type(model).__name__
+    quant = is_quantized(model)
+    for part in _components(config):
+        if isinstance(part, PromptTuningConfig):
+            base = getattr(model, "base_model", model)
+            if not getattr(base, "support_prompt_tuning", True) or "llama" in arch.lower() or \
+                    "mistral" in arch.lower():
+                raise AdapterMethodError(
+                    f"prompt tuning is not supported on {arch} by adapters 1.3.0 (its Llama/Mistral integration "
+                    f"has no prompt-tuning hook). Use 'prefix' (trained key/value vectors in every attention layer, "
+                    f"the closest method) or 'loreft' (interventions at the first positions) instead.")
+        if isinstance(part, LoRAConfig) and part.use_dora and quant:
+            raise AdapterMethodError(
+                f"DoRA (use_dora=True) does not work on {quant[0]}-bit quantized weights in adapters 1.3.0: its "
+                f"magnitude vector needs the norm of the full-precision weight, and adapters takes the norm of the packed "
+                f"integer weight (`linalg.vector_norm ... Got Byte/Char`). Use 'lora' (QLoRA) or 'lora_all' on the "
+                f"quantized base, or DoRA on an unquantized (bits=None) model.")
+        if isinstance(part, BnConfig) and part.stochastic_depth > 0:
+            import importlib.util
+
+            if importlib.util.find_spec("torchvision") is None:
+                raise AdapterMethodError(
+                    f"stochastic_depth={part.stochastic_depth} needs torchvision, which is not installed: pass "
+                    f"stochastic_depth=0.0, or `pip install torchvision`.")
+        if isinstance(part, LoRAConfig) and (isinstance(part.vera_d, float) or isinstance(part.vera_b, float)):
+            shapes = _lora_target_shapes(model, part)
+            if len(shapes) > 1:
+                raise AdapterMethodError(
+                    f"VeRA shares one pair of frozen random matrices across all the layers it adapts, so they must "
+                    f"all have one shape; on this {arch} they have {len(shapes)} ({', '.join(map(str, shapes))}"
+                    f"{'; grouped-query attention makes k/v smaller than q' if _is_gqa(model) else ''}) and "
+                    f"adapters 1.3.0 fails. Use VeRA on same-shaped layers only (e.g. attn_matrices=['q']), or "
+                    f"'lora' instead.")
+        if type(part).__name__ == "MTLLoRAConfig":
+            raise AdapterMethodError("MTL-LoRA needs task ids in every forward pass, which qadapter's training "
+                                     "does not provide: use 'lora' (one adapter per task) instead.")
+
+
+def _is_gqa(model) -> bool:
+    config = model.config
+    return getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads)
+
+
+def _lora_target_shapes(model, config: LoRAConfig) -> list[tuple[int, int]]:
+    """The distinct (out, in) shapes of the linear layers a LoRA-type config adapts (Llama-style names)."""
+    names = [f"{m}_proj" for m in config.attn_matrices if m in ("q", "k", "v")] if config.selfattn_lora else []
+    names += ["down_proj"] if config.intermediate_lora else []
+    names += ["up_proj"] if config.output_lora else []
+    shapes = []
+    for path, module in model.named_modules():
+        if path.split(".")[-1] in names and hasattr(module, "in_features"):
+            shape = (module.out_features, module.in_features)
+            if shape not in shapes:
+                shapes.append(shape)
+    return shapes
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the model computes in: that of its (never quantized) input embeddings. load_model loads the
+    non-quantized parts in the compute dtype (fp32 on the CPU, bf16/fp16 on GPUs)."""
+    return model.get_input_embeddings().weight.dtype
+
+
+def _adapter_modules(model, name: str) -> list[torch.nn.Module]:
+    """The modules holding adapter `name`'s weights (each once)."""
+    seen, out = set(), []
+    todo = [module for per_layer in model.get_adapter(name).values() for module in per_layer.values()]
+    while todo:
+        module = todo.pop(0)
+        if isinstance(module, torch.nn.ModuleList):  # several locations of one layer (e.g. LoRA on q and v)
+            todo[:0] = list(module)
+        elif isinstance(module, torch.nn.ModuleDict):  # containers are never called: hook what they hold
+            todo[:0] = list(module.values())
+        elif id(module) not in seen:
+            seen.add(id(module))
+            out.append(module)
+    return out
+
+
+def _adapter_parameters(model, name: str) -> dict[str, torch.nn.Parameter]:
+    """Parameter path -> parameter of adapter `name`: every parameter whose path has `name` as one component
+    (adapters stores each adapter under its name in a ModuleDict; this also finds the prefix-tuning pool)."""
+    out = {}
+    for path, param in model.named_parameters(remove_duplicate=True):
+        if name in path.split("."):
+            out[path] = param
+    return out
+
+
+def _cast_tree(value, dtype):
+    if torch.is_tensor(value) and value.is_floating_point() and value.dtype != dtype:
+        return value.to(dtype)
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_cast_tree(v, dtype) for v in value)
+    if isinstance(value, list):
+        return [_cast_tree(v, dtype) for v in value]
+    if isinstance(value, dict):
+        return {k: _cast_tree(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _first_float_dtype(args, kwargs):
+    for value in (*args, *kwargs.values()):
+        if torch.is_tensor(value) and value.is_floating_point():
+            return value.dtype
+    return None
+
+
+def _install_cast_hooks(module: torch.nn.Module, param_dtype: torch.dtype, model_dtype: torch.dtype) -> None:
+    """Cast floating inputs of `module` to `param_dtype` and its floating outputs back to the caller's dtype
+    (or to `model_dtype` when it got no floating input, e.g. a prefix pool). Removes earlier hooks first."""
+    for handle in getattr(module, "_qadapter_cast_hooks", ()):
+        handle.remove()
+    if param_dtype == model_dtype:
+        module._qadapter_cast_hooks = ()
+        return
+
+    def pre(mod, args, kwargs):
+        mod._qadapter_caller_dtype = _first_float_dtype(args, kwargs) or model_dtype
+        return _cast_tree(args, param_dtype), _cast_tree(kwargs, param_dtype)
+
+    def post(mod, args, kwargs, output):
+        return _cast_tree(output, getattr(mod, "_qadapter_caller_dtype", model_dtype))
+
+    module._qadapter_cast_hooks = (module.register_forward_pre_hook(pre, with_kwargs=True),
+                                   module.register_forward_hook(post, with_kwargs=True))
+
+
+def _place(model, name: str, adapter_dtype) -> torch.dtype:
+    """Put adapter `name` on the model's device in the chosen dtype; return that dtype."""
+    model_dtype = compute_dtype(model)
+    config = model.adapters_config.match(name, LoRAConfig) if hasattr(model, "adapters_config") else None
+    if adapter_dtype in (None, "auto"):
+        # fp32 master weights; DoRA reads the base weight directly inside the layer, so it has to match it
+        dtype = model_dtype if (config is not None and config.use_dora) else torch.float32
+    elif isinstance(adapter_dtype, torch.dtype):
+        dtype = adapter_dtype
+    else:
+        raise AdapterMethodError(f"adapter_dtype={adapter_dtype!r}: use 'auto' (fp32 weights) or a torch dtype")
+    device = model.get_input_embeddings().weight.device
+    model.adapter_to(name, device=device, dtype=dtype)
+    for param in _adapter_parameters(model, name).values():  # what adapter_to does not reach (prefix pool)
+        if param.dtype != dtype or param.device != device:
+            param.data = param.data.to(device=device, dtype=dtype)
+    # One memory layout for the adapter's tensors, so that a saved and reloaded adapter computes bit-identically
+    # (loading copies into the existing layout; LoReFT's orthogonal parametrization keeps a transposed buffer).
+    for path, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name in path.split(".") and not tensor.is_contiguous():
+            tensor.data = tensor.data.contiguous()
+    modules = _adapter_modules(model, name)
+    prefix_pool = getattr(getattr(model, "base_model", model), "prefix_tuning", None)
+    if prefix_pool is not None and hasattr(prefix_pool, "prefix_tunings") and name in prefix_pool.prefix_tunings:
+        modules.append(prefix_pool.prefix_tunings[name])
+    covered = {id(m) for module in modules for m in module.modules()}
+    for path, module in model.named_modules():  # e.g. UniPELT's prefix gates, called outside the adapter modules
+        if (name in path.split(".") and id(module) not in covered
+                and any(True for _ in module.parameters(recurse=False))):
+            modules.append(module)
+            covered.update(id(m) for m in module.modules())
+    for module in modules:
+        _install_cast_hooks(module, dtype, model_dtype)
+    return dtype
+
+
+def add_adapter(model, method: str | AdapterConfig, name: str | None = None, *, adapter_dtype="auto",
+                gradient_checkpointing: bool | None = None, **overrides) -> str:
+    """Add an adapter to `model` (quantized or not), activate it and set it to train; return its name.
+
+    method: a preset name (see PRESETS / DESCRIPTIONS) or any `adapters` config; overrides are applied to it
+    (`add_adapter(model, "lora", r=8)`). name defaults to the preset name (or the config class's name).
+    What it does beyond `model.add_adapter`: `adapters.init(model)` when needed; `train_adapter` (freezes the base,
+    activates the adapter, model.train()); adapter weights on the model's device in fp32 (adapter_dtype="auto"):
+    optimizer updates below ~0.4% of a weight vanish in bf16 and the fp16 GradScaler refuses fp16 weights, while
+    the adapter is <1% of the parameters, so fp32 costs little; when the base computes in bf16/fp16, activations
+    are cast to fp32 at the adapter's input and back at its output (as peft's autocast_adapter_dtype does). DoRA
+    stays in the compute dtype (it reads the base weight). gradient_checkpointing: True turns it on (non-reentrant);
+    when it is on, the input embeddings' output is made to require grad so a frozen embedding does not cut the
+    graph. Raises AdapterMethodError early for what adapters 1.3.0 cannot do here. (03_adapters_on_quantized)
+    """
+    config = adapter_config(method, **overrides)
+    if name is None:
+        name = method.strip().lower().replace("-", "_") if isinstance(method, str) else type(config).__name__
+        name = re.sub(r"[^\w]", "_", name)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w\-]*", name):
+        raise AdapterMethodError(f"adapter name {name!r} is not usable: use letters, digits, '_' or '-' (no dots)")
+    _check_supported(model, config)
+    _init(model)
+    if name in model.adapters_config:
+        raise AdapterMethodError(f"the model already has an adapter named {name!r}: pass another name=..., or "
+                                 f"remove it first with model.delete_adapter({name!r})")
+    model.add_adapter(name, config=config)
+    model.train_adapter(name)
+    model.train()  # train_adapter sets only the inner model to train mode; the Trainer and checks read the top
+    _place(model, name, adapter_dtype)
+    _gradient_checkpointing(model, gradient_checkpointing)
+    return name
+
+
+def _init(model) -> None:
+    """adapters.init(model) once, keeping the model's train/eval mode: adapters 1.3.0 swaps in new wrapper
+    modules (LoRALinear8bitLt, ...) in train mode even when the model is in eval mode, which changes outputs
+    (dropout; on the CPU bitsandbytes runs 8-bit layers in train mode through a different, dequantizing kernel)."""
+    if hasattr(model, "adapters_config"):
+        return
+    training = model.training
+    adapters.init(model)
+    model.train(training)
+
+
+def _gradient_checkpointing(model, enable: bool | None) -> None:
+    if enable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif enable is False and getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    if getattr(model, "is_gradient_checkpointing", False) and not hasattr(model, "_require_grads_hook"):
+        model.enable_input_require_grads()
+
+
+def save_adapter(model, name: str, directory: str | Path) -> Path:
+    """Save adapter `name` alone (its config and weights as safetensors, not the base's lm_head) to `directory`;
+    return the folder. (03_adapters_on_quantized)"""
+    import adapters.loading
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    original = adapters.loading.save_file
+    adapters.loading.save_file = _save_file_once_per_tensor  # prefix tuning shares one pool across layers
+    try:
+        model.save_adapter(str(directory), name, use_safetensors=True, **_without_head(model.save_adapter))
+    finally:
+        adapters.loading.save_file = original
+    return directory
+
+
+def _without_head(method) -> dict:
+    """{"with_head": False} where the adapters method takes it: on a causal LM adapters 1.3.0 otherwise saves the
+    frozen lm_head of the base ("model_head.safetensors", 262 MB for Llama-2-7B in fp16) with every adapter, and
+    loads it back over the model's own."""
+    import inspect
+
+    return {"with_head": False} if "with_head" in inspect.signature(method).parameters else {}
+
+
+def _save_file_once_per_tensor(tensors: dict, filename: str, metadata=None) -> None:
+    """safetensors' save_file, keeping the first name of tensors that share memory. adapters 1.3.0 refuses to
+    save prefix tuning with use_safetensors=True because every layer's state dict names the same shared prefix
+    pool; one copy suffices, since loading it fills the shared parameters every name points to."""
+    from safetensors.torch import save_file
+
+    unique, seen = {}, set()
+    for key, tensor in tensors.items():
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if ident not in seen:
+            seen.add(ident)
+            unique[key] = tensor.contiguous()
+    save_file(unique, filename, metadata)
+
+
+def load_adapter(model, directory: str | Path, name: str | None = None, train: bool = False,
+                 adapter_dtype="auto") -> str:
+    """Load an adapter saved by `save_adapter` into `model` (calls `adapters.init` when needed), activate it,
+    place it like add_adapter does and return its name; train=True also sets it to train.
+    (03_adapters_on_quantized)"""
+    directory = Path(directory)
+    if not (directory / "adapter_config.json").exists():
+        raise AdapterMethodError(f"{directory.name!r} holds no adapter_config.json: pass the folder written by "
+                                 f"save_adapter(model, name, folder)")
+    _init(model)
+    import json
+
+    saved = json.loads((directory / "adapter_config.json").read_text())
+    config = AdapterConfig.load(saved["config"])
+    _check_supported(model, config)
+    training = model.training
+    name = model.load_adapter(str(directory), load_as=name, set_active=True, use_safetensors=True,
+                              **_without_head(model.load_adapter))
+    if train:
+        model.train_adapter(name)
+        model.train()
+    else:
+        model.train(training)  # new adapter modules are created in train mode: follow the model's mode
+    _place(model, name, adapter_dtype)
+    return name
+
+
+def _logical_numel(param: torch.Tensor) -> int:
+    """Number of weights a parameter stands for (a packed 4-bit parameter holds two per byte)."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return param.numel()
+
+
+def trainable_summary(model, verbose: bool = False):
+    """A pandas DataFrame: one row per adapter (architecture, parameters, trainable parameters, % of the base
+    model's parameters, bytes, dtype, active) plus rows for the frozen base model and the total trainable.
+    Parameter counts of packed 4-bit weights count the weights they stand for. verbose=True also prints it.
+    (03_adapters_on_quantized)"""
+    import pandas as pd
+
+    adapter_names = list(model.adapters_config.adapters) if hasattr(model, "adapters_config") else []
+    active = set()
+    if adapter_names and model.active_adapters is not None:
+        active = set(model.active_adapters.flatten())
+    owned: set[int] = set()
+    rows = []
+    for name in adapter_names:
+        params = _adapter_parameters(model, name)
+        owned.update(id(p) for p in params.values())
+        config = model.adapters_config.get(name)
+        architecture = (config.get("architecture", None) if not isinstance(config, ConfigUnion) else
+                        "+".join(c.get("architecture", None) or "bottleneck" for c in config.configs)) or "bottleneck"
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params.values()})
+        rows.append({"name": name, "architecture": architecture,
+                     "params": sum(p.numel() for p in params.values()),
+                     "trainable": sum(p.numel() for p in params.values() if p.requires_grad),
+                     "bytes": sum(p.numel() * p.element_size() for p in params.values()),
+                     "dtype": "/".join(dtypes), "active": name in active})
+    base = [p for p in model.parameters() if id(p) not in owned]
+    base_params = sum(_logical_numel(p) for p in base)
+    for row in rows:
+        row["% of base"] = 100.0 * row["params"] / base_params
+    base_row = {"name": "base model", "architecture": type(model).__name__, "params": base_params,
+                "trainable": sum(p.numel() for p in base if p.requires_grad),
+                "bytes": sum(p.numel() * p.element_size() for p in base),
+                "dtype": "/".join(sorted({str(p.dtype).replace("torch.", "") for p in base})), "active": True,
+                "% of base": 100.0}
+    total_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = base_params + sum(r["params"] for r in rows)
+    total = {"name": "total", "architecture": "", "params": total_params, "trainable": total_trainable,
+             "bytes": base_row["bytes"] + sum(r["bytes"] for r in rows), "dtype": "", "active": True,
+             "% of base": 100.0 * total_trainable / base_params}
+    columns = ["name", "architecture", "params", "trainable", "% of base", "bytes", "dtype", "active"]
+    frame = pd.DataFrame([*rows, base_row, total], columns=columns).set_index("name")
+    if verbose:
+        print(frame.to_string(formatters={"% of base": "{:.3f}".format}))
+        print(f"trainable: {total_trainable:,} of {total_params:,} parameters "
+              f"({100.0 * total_trainable / total_params:.3f}%)")
+    return frame

@@ -1,0 +1,225 @@
+"""Tests for qadapter_utils.methods: presets, add_adapter on quantized bases, error paths, save/load, summary."""
+import warnings
+
+import adapters
+import pytest
+import torch
+
+from qadapter_utils.methods import (
+    DESCRIPTIONS,
+    PRESETS,
+    AdapterMethodError,
+    adapter_config,
+    add_adapter,
+    load_adapter,
+    save_adapter,
+    trainable_summary,
+)
+from qadapter_utils.models import load_model
+
+warnings.filterwarnings("ignore", message="MatMul8bitLt")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model's matmuls are far faster on one thread on a shared CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_model("tiny")[1]
+
+
+def fresh(bits=None, name="tiny", **kwargs):
+    torch.manual_seed(0)
+    return load_model(name, bits=bits, **kwargs)[0]
+
+
+def ids(tok, n=2, length=12):
+    from qadapter_utils.tiny.corpus import corpus
+
+    return tok(corpus("validation", n_paragraphs=n), return_tensors="pt", truncation=True, max_length=length,
+               padding="max_length").input_ids
+
+
+# --- presets and adapter_config -------------------------------------------------------------------------------
+
+def test_presets_are_documented_and_fresh():
+    required = {"lora", "lora_all", "prefix", "seq_bn", "par_bn", "double_seq_bn", "ia3", "mam", "unipelt",
+                "loreft", "vera"}
+    assert required <= set(PRESETS)
+    assert set(DESCRIPTIONS) == set(PRESETS) and all(DESCRIPTIONS.values())
+    for name, factory in PRESETS.items():
+        assert isinstance(factory(), adapters.AdapterConfig), name
+        assert factory() is not factory()
+
+
+def test_lora_presets_match_the_benchmark_defaults():
+    lora = adapter_config("lora")
+    assert (type(lora), lora.r, lora.alpha, lora.attn_matrices) == (adapters.LoRAConfig, 16, 32, ["q", "v"])
+    every = adapter_config("lora_all")
+    assert every.r == 16 and every.attn_matrices == ["q", "k", "v"]
+    assert every.intermediate_lora and every.output_lora
+
+
+def test_overrides_are_applied_and_objects_accepted():
+    assert adapter_config("lora", r=4).r == 4
+    assert adapter_config("seq_bn", reduction_factor=8).reduction_factor == 8
+    config = adapters.LoRAConfig(r=2)
+    assert adapter_config(config) is config and adapter_config(config, alpha=4).alpha == 4
+    union = adapter_config("unipelt", r=4)  # goes to the LoRA component only
+    assert [getattr(c, "r", None) for c in union.configs] == [None, None, 4]
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(AdapterMethodError, match=r"unknown adapter method 'lorra'.*lora, lora_all"):
+        adapter_config("lorra")
+
+
+def test_bad_override_names_valid_fields():
+    with pytest.raises(AdapterMethodError, match=r"LoRAConfig has no field 'rank'; valid fields: .*\br\b"):
+        adapter_config("lora", rank=8)
+    with pytest.raises(AdapterMethodError, match=r"UniPELTConfig has no field 'nope'"):
+        adapter_config("unipelt", nope=1)
+
+
+def test_bad_method_type():
+    with pytest.raises(AdapterMethodError, match="preset name"):
+        adapter_config(42)
+
+
+# --- error paths on a model ------------------------------------------------------------------------------------
+
+def test_prompt_tuning_on_llama_is_refused_with_alternatives():
+    model = fresh()
+    with pytest.raises(AdapterMethodError, match=r"prompt tuning is not supported on LlamaForCausalLM.*'prefix'"):
+        add_adapter(model, "prompt_tuning")
+    assert not hasattr(model, "adapters_config") or "prompt_tuning" not in model.adapters_config
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dora_on_quantized_base_is_refused(bits):
+    with pytest.raises(AdapterMethodError, match=rf"DoRA .* {bits}-bit quantized weights.*Use 'lora'"):
+        add_adapter(fresh(bits), "dora")
+    with pytest.raises(AdapterMethodError, match="DoRA"):
+        add_adapter(fresh(bits), adapters.LoRAConfig(use_dora=True))
+
+
+def test_dora_adapters_own_failure_is_what_we_prevent():
+    """Without our check, adapters 1.3.0 fails deep inside on the packed 4-bit weight (if this starts passing,
+    a newer adapters supports DoRA on 4-bit and the check can go)."""
+    model = fresh(4)
+    adapters.init(model)
+    with pytest.raises(RuntimeError, match="vector_norm"):
+        model.add_adapter("d", config=adapters.DoRAConfig())
+
+
+def test_vera_on_gqa_is_refused():
+    with pytest.raises(AdapterMethodError, match=r"VeRA .* grouped-query attention .*'lora'"):
+        add_adapter(fresh(4, "random:mistral-tiny"), "vera")
+
+
+def test_duplicate_and_bad_names():
+    model = fresh(4)
+    add_adapter(model, "lora", name="mine")
+    with pytest.raises(AdapterMethodError, match="already has an adapter named 'mine'"):
+        add_adapter(model, "lora", name="mine")
+    with pytest.raises(AdapterMethodError, match="not usable"):
+        add_adapter(model, "lora", name="a.b")
+
+
+# --- add_adapter on a 4-bit base -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "seq_bn", "unipelt"])
+def test_add_adapter_4bit_trains_only_the_adapter(tok, method):
+    model = fresh(4)
+    name = add_adapter(model, method)
+    assert name == method and model.training
+    assert name in model.active_adapters.flatten()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name in n.split(".") for n in trainable)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+    batch = ids(tok)
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_bf16_base_keeps_fp32_adapter_and_trains(tok):
+    """A base computing in bf16 (as on a GPU): the adapter stays fp32, activations are cast at its edges."""
+    model = fresh(4, compute_dtype="bf16")
+    add_adapter(model, "lora_all")
+    batch = ids(tok)
+    out = model(input_ids=batch, labels=batch)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tok):
+    batch = ids(tok)
+    grads = []
+    for checkpointing in (False, True):
+        model = fresh(4)
+        add_adapter(model, "lora", gradient_checkpointing=checkpointing)
+        assert model.is_gradient_checkpointing == checkpointing
+        model(input_ids=batch, labels=batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6)
+
+
+# --- save / load ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,bits", [("lora", 4), ("prefix", 4), ("seq_bn", 8), ("loreft", 4)])
+def test_save_load_gives_identical_logits(tok, tmp_path, method, bits):
+    batch = ids(tok)
+    model = fresh(bits)
+    name = add_adapter(model, method)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    for _ in range(2):  # move the adapter away from its initialisation (LoRA starts as a no-op)
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    folder = save_adapter(model, name, tmp_path / "saved")
+    assert sorted(f.name for f in folder.iterdir()) == ["adapter.safetensors", "adapter_config.json"]  # no lm_head
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=batch).logits
+        base = fresh(bits)
+        assert not torch.equal(base(input_ids=batch).logits, expected)  # the adapter changes the output
+        loaded = load_adapter(base, folder)
+        assert loaded == name and name in base.active_adapters.flatten()
+        assert torch.equal(base(input_ids=batch).logits, expected)
+
+
+def test_load_adapter_wrong_folder(tmp_path):
+    with pytest.raises(AdapterMethodError, match="no adapter_config.json"):
+        load_adapter(fresh(), tmp_path)
+
+
+# --- trainable_summary ------------------------------------------------------------------------------------------
+
+def test_trainable_summary_counts():
+    model = fresh(4)
+    add_adapter(model, "seq_bn")
+    add_adapter(model, "lora")  # trained now; seq_bn stays added but frozen
+    table = trainable_summary(model)
+    config = model.config
+    n_layers, hidden = config.num_hidden_layers, config.hidden_size
+    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
+    assert table.loc["lora", "params"] == n_layers * 16 * ((hidden + hidden) + (hidden + kv))
+    assert table.loc["lora", "trainable"] == table.loc["lora", "params"]
+    assert table.loc["seq_bn", "trainable"] == 0 and table.loc["seq_bn", "params"] > 0
+    assert table.loc["total", "trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert table.loc["lora", "bytes"] == 4 * table.loc["lora", "params"]
+    # the base counts the weights packed 4-bit parameters stand for: the same as the unquantized model
+    assert table.loc["base model", "params"] == sum(p.numel() for p in fresh().parameters())
+    assert bool(table.loc["lora", "active"]) and not bool(table.loc["seq_bn", "active"])
