@@ -346,7 +346,9 @@ def add_adapter(model, method: str | AdapterConfig, name: str | None = None, *, 
     are cast to fp32 at the adapter's input and back at its output (as peft's autocast_adapter_dtype does). DoRA
     stays in the compute dtype (it reads the base weight). gradient_checkpointing: True turns it on (non-reentrant);
     when it is on, the input embeddings' output is made to require grad so a frozen embedding does not cut the
-    graph. Raises AdapterMethodError early for what adapters 1.3.0 cannot do here. (03_adapters_on_quantized)
+    graph. Prefix tuning (alone or inside MAM / UniPELT) switches the model to eager attention: under SDPA,
+    adapters 1.3.0 masks its own prefix out. Raises AdapterMethodError early for what adapters 1.3.0 cannot do
+    here. (03_adapters_on_quantized)
     """
     config = adapter_config(method, **overrides)
     if name is None:
@@ -359,12 +361,28 @@ def add_adapter(model, method: str | AdapterConfig, name: str | None = None, *, 
     if name in model.adapters_config:
         raise AdapterMethodError(f"the model already has an adapter named {name!r}: pass another name=..., or "
                                  f"remove it first with model.delete_adapter({name!r})")
+    if any(isinstance(part, PrefixTuningConfig) for part in _components(config)):
+        _prefix_needs_eager_attention(model)
     model.add_adapter(name, config=config)
     model.train_adapter(name)
     model.train()  # train_adapter sets only the inner model to train mode; the Trainer and checks read the top
     _place(model, name, adapter_dtype)
     _gradient_checkpointing(model, gradient_checkpointing)
     return name
+
+
+def _prefix_needs_eager_attention(model) -> None:
+    """adapters 1.3.0 prefix tuning under transformers 4.57's SDPA attention is silently wrong: with a 4D boolean
+    mask (padding, use_cache=False, gradient checkpointing) the prefix positions are masked out, so the prefix
+    gets no gradient and changes nothing; without a mask the causal alignment is off. Eager attention is right
+    (tests/test_methods.py checks both). Switch to it, and say so."""
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation != "eager":
+        import warnings
+
+        warnings.warn(f"prefix tuning: switching attention from {implementation!r} to 'eager', because adapters "
+                      f"1.3.0's prefix tuning is silently ignored under SDPA attention", stacklevel=3)
+        model.set_attn_implementation("eager")
 
 
 def _init(model) -> None:
@@ -442,6 +460,8 @@ def load_adapter(model, directory: str | Path, name: str | None = None, train: b
     saved = json.loads((directory / "adapter_config.json").read_text())
     config = AdapterConfig.load(saved["config"])
     _check_supported(model, config)
+    if any(isinstance(part, PrefixTuningConfig) for part in _components(config)):
+        _prefix_needs_eager_attention(model)
     training = model.training
     name = model.load_adapter(str(directory), load_as=name, set_active=True, use_safetensors=True,
                               **_without_head(model.load_adapter))

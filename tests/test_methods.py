@@ -223,3 +223,42 @@ def test_trainable_summary_counts():
     # the base counts the weights packed 4-bit parameters stand for: the same as the unquantized model
     assert table.loc["base model", "params"] == sum(p.numel() for p in fresh().parameters())
     assert bool(table.loc["lora", "active"]) and not bool(table.loc["seq_bn", "active"])
+
+
+@pytest.mark.parametrize("method", ["prefix", "mam"])
+def test_prefix_tuning_switches_to_eager_attention_and_learns(tok, method):
+    """Under SDPA, adapters 1.3.0 masks its own prefix out when a 4D mask is built (padding here): the prefix
+    would get exactly zero gradient. add_adapter switches to eager attention, where the prefix gets gradients and
+    padding stays correct (the short sample's logits equal its logits alone)."""
+    model, _ = load_model("tiny", bits=4)
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.warns(UserWarning, match="switching attention from 'sdpa' to 'eager'"):
+        add_adapter(model, method)
+    assert model.config._attn_implementation == "eager"
+    texts = ["Ada lives in Oakdale.", "Ben is a baker in Riverton and likes bread."]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    model(**batch, labels=labels, use_cache=False).loss.backward()
+    prefix = [p for n, p in model.named_parameters() if p.requires_grad and "prefix" in n]
+    assert prefix and all(p.grad is not None and p.grad.abs().sum() > 0 for p in prefix)
+    model.eval()
+    with torch.no_grad():
+        alone = model(**tok(texts[:1], return_tensors="pt")).logits[0]
+        padded = model(**batch).logits[0, : alone.shape[0]]
+    assert torch.allclose(alone, padded, atol=1e-4)
+
+
+def test_sdpa_prefix_bug_is_what_we_prevent(tok):
+    """The adapters 1.3.0 behaviour add_adapter works around: under SDPA the prefix gets no gradient at all.
+    (If this starts failing, adapters fixed it and the eager switch can go.)"""
+    model, _ = load_model("tiny", bits=4)
+    adapters.init(model)
+    model.add_adapter("p", config=adapter_config("prefix"))
+    model.train_adapter("p")
+    model.train()
+    batch = tok(["Ada lives in Oakdale.", "Ben is a baker in Riverton and likes bread."], return_tensors="pt",
+                padding=True)  # different lengths: padding, so transformers builds a 4D mask
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    model(**batch, labels=labels, use_cache=False).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is None or not g.any() for g in grads)
