@@ -1,0 +1,1028 @@
+"""Speed benchmark: the stock PEFT QLoRA recipe against the recipe the notebooks teach through qadapter_utils, on a
+Llama-2-7B-shaped model (random weights, 4-bit NF4 + double quantization, bf16 compute), same GPU, same run.
+
+    python benchmarks/recipe_vs_peft.py --out benchmarks/results        # a CUDA GPU (~4 min on an H100)
+    python benchmarks/recipe_vs_peft.py --model tiny --quick --out /tmp/r   # a smoke test of every code path (CPU)
+
+Both train LoRA r=16 (alpha 32, no dropout) on q_proj and v_proj with paged AdamW 8-bit, gradient clipping at 1.0
+and bf16 autocast (what `Trainer(bf16=True)` does), for one epoch over the same length mix (benchmarks/lengths.py:
+192 sequences, log-normal, median 256, 16-1,024 tokens), loss on every token:
+
+- baseline, the stock PEFT recipe at its best: `prepare_model_for_kbit_training` (freezes the base, upcasts
+  embeddings, norms and lm_head to fp32, reentrant gradient checkpointing), `LoraConfig` + `get_peft_model`,
+  batches of 8 padded to the longest sample **with length grouping** (transformers' LengthGroupedSampler, what
+  `group_by_length=True` uses), loss from `model(..., labels=...)`.
+- ours: `qadapter_utils.models.load_model` + `methods.add_adapter(model, "lora")` (fp32 adapter weights, bf16
+  everything else), padding-free packing (`data.make_collator(packing=True)`: one row per step, position ids
+  restarting per sample) with a varlen attention that keeps the samples apart (flash varlen kernel, checked below
+  against per-sample attention), the chunked loss (`qadapter_utils.loss`: no fp32 logits), the adapter's
+  fp32 casts dropped where autocast makes them a no-op, and tokens per step + number of checkpointed layers chosen
+  by a planner for a memory budget equal to the baseline's measured peak (probe steps calibrate a linear memory and
+  time model; the choice is verified on the fullest batch).
+
+Reported: real tokens/s (padding excluded, whole epoch after 2 warm-up steps), peak `max_memory_allocated`, MFU =
+4 * N * tokens/s / (the GPU's bf16 matmul rate measured in the same run), N = 6.74e9. Also: ours without a memory
+limit (for MFU), an ablation of ours' parts, LoRA vs prefix tuning vs a bottleneck adapter on the 4-bit base, a
+profiler summary of one step of each recipe, and correctness checks on the GPU (packed samples do not attend to
+each other: per-sample logits equal; ours' loss and gradients equal the plain recipe's on a small batch).
+
+Writes <out>/recipe_vs_peft_<gpu>.json and .md (the tables). Needs torch, transformers, bitsandbytes, adapters,
+peft (not `datasets`). t4_check.py imports the helpers of this file.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import inspect
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import lengths as mix  # noqa: E402
+from qadapter_utils import methods, models  # noqa: E402
+from qadapter_utils.loss import causal_lm_loss  # noqa: E402
+
+GIB = 2**30
+N_7B = 6.74e9
+PACKED_ATTENTION = "qadapter_packed"
+LOG: list[str] = []
+
+
+def log(*parts):
+    line = " ".join(str(p) for p in parts)
+    LOG.append(line)
+    print(line, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# device helpers
+
+
+def on_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def sync():
+    if on_cuda():
+        torch.cuda.synchronize()
+
+
+def reset_peak():
+    if on_cuda():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_bytes() -> int:
+    return torch.cuda.max_memory_allocated() if on_cuda() else 0
+
+
+def allocated_bytes() -> int:
+    return torch.cuda.memory_allocated() if on_cuda() else 0
+
+
+def release():
+    gc.collect()
+    if on_cuda():
+        torch.cuda.empty_cache()
+
+
+def gib(x):
+    return None if x is None else round(x / GIB, 2)
+
+
+def autocast(dtype):
+    if on_cuda() and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft", "adapters", "bitsandbytes"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception as err:  # noqa: BLE001
+            info[name] = f"missing ({type(err).__name__})"
+    if on_cuda():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(props.total_memory / GIB, 1),
+                    cuda=torch.version.cuda, sms=props.multi_processor_count)
+    else:
+        info.update(gpu="none (CPU smoke test)")
+    return info
+
+
+def gpu_tag() -> str:
+    if not on_cuda():
+        return "cpu"
+    name = torch.cuda.get_device_name(0).lower()
+    for tag in ("h200", "h100", "a100", "l4", "t4", "a10g", "4090", "3090"):
+        if tag in name:
+            return tag
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")[:20]
+
+
+def matmul_rate(n: int = 8192, reps: int = 20) -> dict:
+    """The dense bf16 matmul rate (TFLOP/s) on random data: median of `reps` timed n x n x n products after 3
+    warm-ups, CUDA events. On the CPU a small fp32 product (smoke test only)."""
+    if not on_cuda():
+        n, reps = 256, 3
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        return {"tflops": 2 * n**3 / sorted(times)[len(times) // 2] / 1e12, "n": n, "dtype": "float32"}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    release()
+    med = sorted(times)[len(times) // 2]
+    return {"tflops": round(2 * n**3 / med / 1e12, 1), "n": n, "dtype": "bfloat16", "reps": reps,
+            "statistic": "median"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# packed attention: samples of a packed row attend only to themselves
+
+
+def _varlen_impl():
+    """torch's flash varlen attention wrapped as f(q, k, v, cu_seqlens, max_len, scale) -> out (tokens, heads,
+    dim), or None when this torch has none. Its keyword arguments changed between releases: handled here."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:  # noqa: BLE001
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    extra = {}
+    if "is_causal" in params:
+        extra["is_causal"] = True
+    elif "window_size" in params:
+        extra["window_size"] = (-1, 0)
+    else:
+        return None
+    has_scale = "scale" in params
+
+    def run(q, k, v, cu, max_len, scale):
+        kw = dict(extra, scale=scale) if has_scale else extra
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+    return run
+
+
+VARLEN = {"fn": None, "status": "not checked"}
+
+
+def _per_sample_sdpa(query, key, value, bounds, scaling):
+    outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                           scale=scaling) for s, e in bounds]
+    return torch.cat(outs, dim=2)
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """An attention function for transformers' AttentionInterface: for a packed row (batch 1, `cu_seq_lens_q`
+    given) causal attention within each sample only, through the flash varlen kernel when available (else one
+    SDPA call per sample); otherwise plain causal SDPA. Returns (batch, seq, heads, dim), None."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: repeat the key/value heads
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    if cu is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]:
+        # Not a packed row. transformers builds no mask for a custom attention, so this is plain causal
+        # attention: exact for unpadded and right-padded batches (a real token never sees a later pad token).
+        if attention_mask is not None:
+            raise ValueError("packed_attention got an attention mask: use attn_implementation='sdpa' for that")
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    bounds = kwargs.get("qadapter_bounds")
+    if VARLEN["fn"] is not None and query.is_cuda:
+        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+        out = VARLEN["fn"](q, k, v, cu, int(kwargs["max_length_q"]), scaling)
+        return out.unsqueeze(0), None
+    if bounds is None:
+        edges = cu.tolist()
+        bounds = list(zip(edges[:-1], edges[1:]))
+    return _per_sample_sdpa(query, key, value, bounds, scaling).transpose(1, 2).contiguous(), None
+
+
+def register_packed_attention() -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    return PACKED_ATTENTION
+
+
+def set_attention(model, name: str):
+    try:
+        model.set_attn_implementation(name)
+    except Exception:  # noqa: BLE001
+        pass
+    if model.config._attn_implementation != name:
+        model.config._attn_implementation = name
+
+
+def check_varlen(device="cuda") -> dict:
+    """Compare the varlen kernel with per-sample SDPA (outputs and gradients, bf16, random data); keep it only
+    when they agree. Sets VARLEN."""
+    fn = _varlen_impl()
+    if fn is None or not on_cuda():
+        VARLEN.update(fn=None, status="unavailable: per-sample SDPA")
+        return dict(VARLEN, fn=None)
+    g = torch.Generator(device=device).manual_seed(0)
+    lens = [37, 300, 129, 511, 64]
+    bounds, start = [], 0
+    for n in lens:
+        bounds.append((start, start + n))
+        start += n
+    cu = torch.tensor([0] + [e for _, e in bounds], dtype=torch.int32, device=device)
+    shape = (1, 32, start, 128)
+    q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    scale = 128 ** -0.5
+    try:
+        ref = _per_sample_sdpa(q, k, v, bounds, scale).transpose(1, 2)
+        grad_out = torch.randn_like(ref)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+        qq, kk, vv = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))
+        out = fn(qq, kk, vv, cu, max(lens), scale).unsqueeze(0)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        err_out = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        err_grad = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(grads, ref_grads))
+    except Exception as err:  # noqa: BLE001
+        VARLEN.update(fn=None, status=f"failed ({type(err).__name__}: {str(err)[:200]}): per-sample SDPA")
+        return {"status": VARLEN["status"]}
+    ok = err_out < 2e-2 and err_grad < 5e-2 and math.isfinite(err_out) and math.isfinite(err_grad)
+    VARLEN.update(fn=fn if ok else None, status=("flash varlen" if ok else "varlen disagrees: per-sample SDPA"))
+    return {"status": VARLEN["status"], "rel_err_out": err_out, "rel_err_grad": err_grad}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models
+
+
+def load_base(model_name: str, dtype):
+    model, tok = models.load_model(model_name, bits=4, compute_dtype=dtype)
+    return model, tok
+
+
+def peft_recipe(model_name: str, dtype, gradient_checkpointing: bool = True, model=None):
+    """The stock PEFT QLoRA recipe: prepare_model_for_kbit_training + LoraConfig(r=16, alpha=32, q/v)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if model is None:
+        model, tok = load_base(model_name, dtype)
+    else:
+        tok = None
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], bias="none",
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    model.train()
+    return model, tok
+
+
+def drop_redundant_casts(model) -> int:
+    """Remove the fp32 casts qadapter_utils.methods puts at the adapter's edges. Under autocast they are a
+    no-op round trip (autocast casts the fp32 copy straight back to bf16 for the matmul), so removing them changes
+    no result; it saves a (tokens x hidden) fp32 copy per adapted layer and two passes over it. Returns the
+    number of hook pairs removed."""
+    removed = 0
+    for module in model.modules():
+        hooks = getattr(module, "_qadapter_cast_hooks", ())
+        for handle in hooks:
+            handle.remove()
+        if hooks:
+            removed += 1
+            module._qadapter_cast_hooks = ()
+    return removed
+
+
+def ours_recipe(model_name: str, dtype, method: str = "lora", model=None, attention=PACKED_ATTENTION):
+    if model is None:
+        model, tok = load_base(model_name, dtype)
+    else:
+        tok = None
+    if method == "prefix" or method.startswith("prefix"):
+        attention = "eager"  # adapters 1.3.0 masks its prefix out under SDPA's boolean masks
+    if attention == PACKED_ATTENTION:
+        register_packed_attention()
+    set_attention(model, attention)
+    name = methods.add_adapter(model, method, gradient_checkpointing=True)
+    removed = drop_redundant_casts(model) if on_cuda() else 0
+    model.train()
+    return model, tok, {"adapter": name, "cast_hooks_removed": removed, "attention": attention}
+
+
+def decoder_layers(model) -> list:
+    """The decoder layers (the first ModuleList named `layers`), through peft / adapters wrappers."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "layers" and isinstance(module, torch.nn.ModuleList):
+            return list(module)
+    raise ValueError(f"no decoder layers found in {type(model).__name__}")
+
+
+def checkpoint_layers(model, n_checkpointed: int) -> int:
+    """Gradient checkpointing on the first `n_checkpointed` decoder layers only (the others keep their
+    activations for backward). Needs gradient checkpointing enabled on the model first (it installs the
+    checkpoint function on every layer). Returns the number of layers."""
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if not hasattr(layer, "_gradient_checkpointing_func") and i < n_checkpointed:
+            raise ValueError("enable gradient checkpointing on the model before choosing layers")
+        layer.gradient_checkpointing = i < n_checkpointed
+    return len(layers)
+
+
+def num_layers(model) -> int:
+    return model.config.num_hidden_layers
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(model, lr=2e-4):
+    import bitsandbytes as bnb
+
+    return bnb.optim.PagedAdamW8bit(trainable(model), lr=lr)
+
+
+def n_params(model) -> int:
+    """Parameters the model stands for (a packed 4-bit parameter holds two weights per byte)."""
+    total = 0
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        total += int(torch.Size(qs.shape).numel()) if qs is not None and getattr(qs, "shape", None) else p.numel()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batches
+
+
+def grouped_batches(lengths, batch_size: int, seed: int = 0, grouped: bool = True) -> list[list[int]]:
+    """Index batches as the Trainer forms them: LengthGroupedSampler (group_by_length=True) or a random order."""
+    g = torch.Generator().manual_seed(seed)
+    if grouped:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        order = list(LengthGroupedSampler(batch_size, lengths=list(lengths), generator=g))
+    else:
+        order = torch.randperm(len(lengths), generator=g).tolist()
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def padded_batch(rows, idx, device, pad_id: int = 0) -> dict:
+    """Right-padded batch as DataCollatorForSeq2Seq builds it: attention_mask, labels -100 on padding."""
+    width = max(len(rows[i]) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for j, i in enumerate(idx):
+        r = torch.tensor(rows[i])
+        ids[j, :len(r)], mask[j, :len(r)], labels[j, :len(r)] = r, 1, r
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def pack_order(lengths, max_tokens: int, seed: int = 0) -> list[list[int]]:
+    """Index batches of at most `max_tokens` tokens: samples in a random order, each batch filled greedily."""
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    batches, current, used = [], [], 0
+    for i in order:
+        if lengths[i] > max_tokens:
+            raise ValueError(f"a sample of {lengths[i]} tokens does not fit in {max_tokens} tokens per step")
+        if used + lengths[i] > max_tokens and current:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _flatten_collator():
+    try:
+        from qadapter_utils.data import make_collator
+
+        return make_collator(None, packing=True)
+    except Exception:  # noqa: BLE001
+        from transformers import DataCollatorWithFlattening
+
+        collate = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+        return lambda feats: dict(collate(feats), use_cache=False)
+
+
+_COLLATE = None
+
+
+def packed_batch(rows, idx, device, varlen: bool = True) -> dict:
+    """One packed row through qadapter_utils.data.make_collator(packing=True) (transformers'
+    DataCollatorWithFlattening: position ids restarting per sample, first label of each sample -100), plus the
+    sample boundaries for the varlen attention."""
+    global _COLLATE
+    if _COLLATE is None:
+        _COLLATE = _flatten_collator()
+    batch = _COLLATE([{"input_ids": rows[i], "labels": rows[i]} for i in idx])
+    out = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    out["use_cache"] = False
+    if varlen:
+        edges = [0]
+        for i in idx:
+            edges.append(edges[-1] + len(rows[i]))
+        out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = torch.tensor(edges, dtype=torch.int32, device=device)
+        out["max_length_q"] = out["max_length_k"] = max(len(rows[i]) for i in idx)
+        out["qadapter_bounds"] = list(zip(edges[:-1], edges[1:]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+
+
+def plain_loss(model, batch):
+    batch = {k: v for k, v in batch.items() if k != "qadapter_bounds"}
+    return model(**batch).loss
+
+
+def chunked_loss(chunk_size: int):
+    def fn(model, batch):
+        return causal_lm_loss(model, chunk_size=chunk_size, **batch)
+
+    return fn
+
+
+def train_steps(model, batches, loss_fn, optimizer, dtype, warmup: int = 2, scaler=None, real_tokens=None) -> dict:
+    """Run `warmup` untimed steps (the first batches again), then one timed step per batch. Returns real tokens,
+    seconds, tokens/s, peak allocated (over warm-up and epoch), step times and first/last loss."""
+    model.train()
+    params = trainable(model)
+    reset_peak()
+    losses, times = [], []
+
+    def step(batch):
+        with autocast(dtype):
+            loss = loss_fn(model, batch)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for batch in batches[:warmup]:
+        step(batch)
+    sync()
+    t0 = time.perf_counter()
+    for batch in batches:
+        t = time.perf_counter()
+        losses.append(step(batch))
+        sync()
+        times.append(time.perf_counter() - t)
+    seconds = time.perf_counter() - t0
+    losses = [float(x) for x in losses]
+    tokens = real_tokens if real_tokens is not None else sum(int((b["labels"] != -100).sum()) for b in batches)
+    return {"real_tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+            "steps": len(batches), "peak_gib": gib(peak_bytes()), "peak_bytes": peak_bytes(),
+            "median_step_s": round(sorted(times)[len(times) // 2], 4), "first_loss": round(losses[0], 4),
+            "last_loss": round(losses[-1], 4), "finite": all(math.isfinite(x) for x in losses)}
+
+
+def one_step(model, batch, loss_fn, optimizer, dtype, scaler=None) -> tuple[float, int]:
+    """One training step; returns (seconds, peak allocated during it)."""
+    params = trainable(model)
+    reset_peak()
+    sync()
+    t = time.perf_counter()
+    with autocast(dtype):
+        loss = loss_fn(model, batch)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    del loss
+    sync()
+    return time.perf_counter() - t, peak_bytes()
+
+
+def profile_step(model, batch, loss_fn, optimizer, dtype, rows: int = 18) -> dict:
+    """torch.profiler over one training step: the top kernels by device time, and device time by category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda() else [])
+    one_step(model, batch, loss_fn, optimizer, dtype)  # warm
+    with profile(activities=acts) as prof:
+        one_step(model, batch, loss_fn, optimizer, dtype)
+    events = prof.key_averages()
+    key = "self_device_time_total" if on_cuda() else "self_cpu_time_total"
+
+    def self_time(e):
+        return getattr(e, key, None) or getattr(e, key.replace("device", "cuda"), 0) or 0
+
+    if on_cuda():  # the kernels themselves (operators' device time would count them twice)
+        events = [e for e in events if "cuda" in str(getattr(e, "device_type", "")).lower()] or list(events)
+    total = sum(self_time(e) for e in events) or 1
+    categories: dict[str, float] = {}
+    for e in events:
+        name = e.key.lower()
+        cat = ("4-bit dequantize" if "dequant" in name else
+               "attention" if any(s in name for s in ("flash", "fmha", "attention", "sdpa")) else
+               "matmul (gemm)" if any(s in name for s in ("gemm", "cutlass", "sm90_xmma", "matmul", "cublas",
+                                                          "nvjet", "addmm", "mm_")) else
+               "copies / casts" if any(s in name for s in ("copy", "memcpy", "to_copy", "cast")) else
+               "softmax / loss" if any(s in name for s in ("softmax", "logsumexp", "nll", "cross_entropy")) else
+               "elementwise / norms / other")
+        categories[cat] = categories.get(cat, 0.0) + self_time(e)
+    top = sorted(events, key=self_time, reverse=True)[:rows]
+    table = [{"kernel": e.key[:90], "self_ms": round(self_time(e) / 1e3, 2), "calls": e.count,
+              "pct": round(100 * self_time(e) / total, 1)} for e in top]
+    return {"measure": key, "total_ms": round(total / 1e3, 1),
+            "by_category_pct": {k: round(100 * v / total, 1) for k, v in sorted(categories.items(),
+                                                                              key=lambda kv: -kv[1])},
+            "top": table}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the planner: tokens per step and checkpointed layers for a memory budget
+
+
+def plan_for_budget(model, rows, lengths, budget: int, loss_fn, optimizer, dtype, probe_tokens: int,
+                    candidates: list[int], device, margin: float = 0.92, verify: bool = True) -> dict:
+    """Choose (tokens per step T, checkpointed layers c) maximising predicted tokens/s subject to the predicted
+    peak <= margin * budget. Three probe steps calibrate peak(T, c) = W + m0 + T * (a + (L - c) * b) and
+    time(T, c) = t0 + T * (u + c / L * r): A = (T0, all checkpointed), B = (T0, none), C = (2 T0, all). The
+    choice is then run once on its fullest batch and stepped down while the measured peak exceeds the budget."""
+    L = num_layers(model)
+    base = allocated_bytes()
+
+    def probe(T, c):
+        checkpoint_layers(model, c)
+        idx = pack_order(lengths, T, seed=123)[0]
+        batch = packed_batch(rows, idx, device)
+        one_step(model, batch, loss_fn, optimizer, dtype)  # warm (allocates optimizer state at the first call)
+        secs, pk = one_step(model, batch, loss_fn, optimizer, dtype)
+        tokens = len(batch["input_ids"][0])
+        release()
+        return tokens, secs, pk
+
+    T0 = probe_tokens
+    tA, sA, pA = probe(T0, L)
+    tB, sB, pB = probe(T0, 0)
+    tC, sC, pC = probe(2 * T0, L)
+    a = max((pC - pA) / max(tC - tA, 1), 0.0)
+    m0 = max(pA - base - a * tA, 0.0)
+    b = max((pB - pA) / (L * tA), 0.0)
+    r = max((sA - sB) / tA, 0.0)
+    per_tok = max((sC - sA) / max(tC - tA, 1), 1e-12)
+    u = max(per_tok - r, 1e-12)
+    t_fixed = max(sA - tA * (u + r), 0.0)
+    model_desc = {"base_bytes": base, "m0": m0, "a_per_token": a, "b_per_token_layer": b, "t_fixed_s": t_fixed,
+                  "u_s_per_token": u, "r_recompute_s_per_token": r,
+                  "probes": {"A": [tA, sA, pA], "B": [tB, sB, pB], "C": [tC, sC, pC]}}
+
+    def predict(T, c):
+        mem = base + m0 + T * (a + (L - c) * b)
+        secs = t_fixed + T * (u + c / L * r)
+        return mem, T / secs
+
+    options = []
+    for T in candidates:
+        if T < max(lengths):
+            continue
+        for c in range(L + 1):
+            mem, tps = predict(T, c)
+            if mem <= margin * budget:
+                options.append((tps, -c, T, c, mem))
+    if not options:
+        T, c = max(min(candidates), max(lengths)), L
+        options = [(predict(T, c)[1], -c, T, c, predict(T, c)[0])]
+    options.sort(reverse=True)
+    tps, _, T, c, mem = options[0]
+    tries = []
+    if verify:
+        for _ in range(6):
+            checkpoint_layers(model, c)
+            batches = pack_order(lengths, T, seed=0)
+            fullest = max(batches, key=lambda idx: sum(lengths[i] for i in idx))
+            batch = packed_batch(rows, fullest, device)
+            try:
+                _, pk = one_step(model, batch, loss_fn, optimizer, dtype)
+                oom = False
+            except torch.OutOfMemoryError:
+                pk, oom = None, True
+            del batch
+            optimizer.zero_grad(set_to_none=True)
+            release()
+            tries.append({"tokens_per_step": T, "checkpointed_layers": c, "measured_peak_gib": gib(pk), "oom": oom})
+            if not oom and pk <= budget:
+                break
+            if c < L:  # more checkpointing first, then fewer tokens
+                c = min(L, c + max(2, (L - c) // 2))
+            else:
+                T = max(max(lengths), T * 3 // 4)
+    checkpoint_layers(model, c)
+    return {"tokens_per_step": T, "checkpointed_layers": c, "layers": L, "predicted_peak_gib": gib(mem),
+            "predicted_tokens_per_s": round(tps, 1), "budget_gib": gib(budget), "margin": margin,
+            "calibration": model_desc, "verification": tries}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# correctness on the device
+
+
+@torch.no_grad()
+def check_packing_isolation(model, rows, device, dtype) -> dict:
+    """Logits of samples packed in one row (ours: varlen attention) against each sample run alone; and the same
+    row with plain causal attention over the whole row (naive packing) to show the check can fail."""
+    was = model.training
+    model.eval()
+    picks = [r[:n] for r, n in zip(rows[:3], (61, 250, 130)) if len(r) >= 2]
+    try:
+        with autocast(dtype):
+            alone = [model(input_ids=torch.tensor([r], device=device), use_cache=False).logits[0].float()
+                     for r in picks]
+            packed = packed_batch(picks, list(range(len(picks))), device)
+            packed.pop("labels")
+            ours = model(**packed).logits[0].float()
+            naive = {k: v for k, v in packed.items() if not k.startswith(("cu_seq", "max_length", "qadapter"))}
+            naive["position_ids"] = torch.arange(ours.shape[0], device=device)[None]
+            naive_logits = model(**naive).logits[0].float()
+        ref = torch.cat(alone)
+        err = ((ours - ref).norm() / ref.norm()).item()
+        err_naive = ((naive_logits - ref).norm() / ref.norm()).item()
+        first = len(picks[0])
+        err_first = ((ours[:first] - ref[:first]).norm() / ref[:first].norm()).item()
+        err_later = ((ours[first:] - ref[first:]).norm() / ref[first:].norm()).item()
+    finally:
+        model.train(was)
+    # The first sample's attention is the same computation packed or alone: its error is the noise floor of this
+    # dtype on this model (different matmul shapes round differently). Leakage would show in the later samples.
+    return {"samples": [len(p) for p in picks], "rel_err_packed_vs_alone": err,
+            "rel_err_first_sample (noise floor)": err_first, "rel_err_samples_after_the_first": err_later,
+            "rel_err_naive_packing_vs_alone": err_naive,
+            "ok": err_later <= 3 * err_first + 1e-3 and err_naive > 10 * err_later}
+
+
+def check_loss_and_grads(model, rows, device, dtype, attention: str, chunk_size: int = 64) -> dict:
+    """Ours (packed row, varlen attention, chunked loss) against the plain recipe (padded batch, SDPA with the
+    padding mask, model(labels=...).loss) on three short samples: loss and every adapter gradient."""
+    picks = [r[:n] for r, n in zip(rows[:3], (61, 250, 130))]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def run(fn):
+        for p in params.values():
+            p.grad = None
+        with autocast(dtype):
+            loss = fn()
+        loss.backward()
+        grads = {n: p.grad.detach().float().clone() for n, p in params.items() if p.grad is not None}
+        for p in params.values():
+            p.grad = None
+        return loss.detach().float(), grads
+
+    set_attention(model, "sdpa")
+    ref_loss, ref_grads = run(lambda: model(**padded_batch(picks, [0, 1, 2], device)).loss)
+    # control: the same plain recipe, one sample per forward pass (the same function, other matmul shapes): its
+    # difference from the padded batch is the rounding noise of this dtype on this model
+    targets = [len(p) - 1 for p in picks]
+
+    def one_by_one():
+        return sum(model(**padded_batch(picks, [i], device)).loss * (n / sum(targets))
+                   for i, n in enumerate(targets))
+
+    ctl_loss, ctl_grads = run(one_by_one)
+    set_attention(model, attention)
+    batch = packed_batch(picks, [0, 1, 2], device)
+    loss, grads = run(lambda: causal_lm_loss(model, chunk_size=chunk_size, **batch))
+
+    def rel(a, b):
+        return [((a[n] - b[n]).norm() / b[n].norm().clamp_min(1e-30)).item() for n in b if b[n].norm() > 0]
+
+    ours_rel, ctl_rel = rel(grads, ref_grads), rel(ctl_grads, ref_grads)
+    return {"loss_plain": ref_loss.item(), "loss_ours": loss.item(),
+            "rel_err_loss": abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()),
+            "rel_err_loss_control": abs(ctl_loss.item() - ref_loss.item()) / abs(ref_loss.item()),
+            "nonzero_grad_tensors": len(ours_rel), "max_rel_err_grad": max(ours_rel, default=None),
+            "median_rel_err_grad": sorted(ours_rel)[len(ours_rel) // 2] if ours_rel else None,
+            "control_max_rel_err_grad": max(ctl_rel, default=None),
+            "control_median_rel_err_grad": sorted(ctl_rel)[len(ctl_rel) // 2] if ctl_rel else None,
+            "same_param_set": set(grads) == set(ref_grads)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def mfu(tokens_per_s, n, rate_tflops):
+    return round(100 * 4 * n * tokens_per_s / (rate_tflops * 1e12), 1) if rate_tflops else None
+
+
+def write(out: Path, tag: str, result: dict):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"recipe_vs_peft_{tag}.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / f"recipe_vs_peft_{tag}.md").write_text(markdown(result))
+
+
+def markdown(res: dict) -> str:
+    m = res.get("machine", {})
+    rate = res.get("matmul", {}).get("tflops")
+    lines = [f"# Recipe vs stock PEFT QLoRA: {m.get('gpu')}", "",
+             f"Model {res.get('model')} ({res.get('params_b', '?')} B parameters counted for MFU: "
+             f"{res.get('n_for_mfu'):.3g}), 4-bit NF4 + double quant, bf16 compute; LoRA r=16 alpha=32 on q,v; "
+             f"paged AdamW 8-bit; torch {m.get('torch')}, transformers {m.get('transformers')}, peft "
+             f"{m.get('peft')}, adapters {m.get('adapters')}, bitsandbytes {m.get('bitsandbytes')}. Measured bf16 "
+             f"matmul rate: **{rate} TFLOP/s** ({res.get('matmul', {}).get('n')}^3 products, median). MFU = 4 N tokens/s / rate.", "",
+             f"Length mix: {res.get('mix')}", ""]
+    rows = res.get("main", [])
+    if rows:
+        lines += ["| recipe | tokens/step | padding | real tokens/s | peak allocated | MFU | steps | vs baseline |",
+                  "|---|---|---|---|---|---|---|---|"]
+        base = next((r for r in rows if r["name"].startswith("baseline")), None)
+        for r in rows:
+            speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base and r.get("tokens_per_s") else ""
+            lines.append(f"| {r['name']} | {r.get('tokens_per_step', '')} | {r.get('padding_pct', 0)} % | "
+                         f"{r.get('tokens_per_s')} | {r.get('peak_gib')} GiB | {r.get('mfu_pct')} % | "
+                         f"{r.get('steps')} | {speed} |")
+        lines.append("")
+    for key, title in (("ablation", "Ablation of ours (subset of the mix)"),
+                       ("methods", "Adapter methods on the 4-bit base (subset of the mix)")):
+        if res.get(key):
+            lines += [f"## {title}", "", "| run | setting | real tokens/s | peak allocated | MFU |",
+                      "|---|---|---|---|---|"]
+            for r in res[key]:
+                lines.append(f"| {r['name']} | {r.get('setting', '')} | {r.get('tokens_per_s', r.get('error'))} | "
+                             f"{r.get('peak_gib')} GiB | {r.get('mfu_pct')} % |")
+            lines.append("")
+    if res.get("plans"):
+        lines += ["## Planner choices", ""]
+        for name, p in res["plans"].items():
+            lines.append(f"- {name}: {p.get('tokens_per_step')} tokens/step, {p.get('checkpointed_layers')} of "
+                         f"{p.get('layers')} layers checkpointed, budget {p.get('budget_gib')} GiB, predicted peak "
+                         f"{p.get('predicted_peak_gib')} GiB and {p.get('predicted_tokens_per_s')} tokens/s; "
+                         f"verification {p.get('verification')}")
+        lines.append("")
+        for name, p in res["plans"].items():
+            probes = (p.get("calibration") or {}).get("probes") or {}
+            if not probes:
+                continue
+            what = {"A": "all layers checkpointed", "B": "no layer checkpointed", "C": "all layers checkpointed"}
+            lines += [f"Probe steps of the planner ({name}): ours, one packed row each, one warm step timed "
+                      f"(single steps, not an epoch)", "", "| probe | real tokens/step | checkpointing | step s | "
+                      "tokens/s | peak allocated |", "|---|---|---|---|---|---|"]
+            for key, (tokens, secs, pk) in probes.items():
+                lines.append(f"| {key} | {tokens} | {what.get(key, '')} | {secs:.3f} | {tokens / secs:.0f} | "
+                             f"{gib(pk)} GiB |")
+            lines.append("")
+    if res.get("checks"):
+        lines += ["## Correctness checks on this GPU", "", "```", json.dumps(res["checks"], indent=1, default=str),
+                  "```", ""]
+    for name, prof in (res.get("profiles") or {}).items():
+        lines += [f"## Profile of one step: {name}", "", f"total {prof.get('total_ms')} ms ({prof.get('measure')});"
+                  f" by category: {prof.get('by_category_pct')}", "", "| kernel | self ms | calls | % |",
+                  "|---|---|---|---|"]
+        for t in prof.get("top", []):
+            lines.append(f"| `{t['kernel']}` | {t['self_ms']} | {t['calls']} | {t['pct']} |")
+        lines.append("")
+    if res.get("errors"):
+        lines += ["## Errors", ""] + [f"- {e}" for e in res["errors"]] + [""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="random:llama2-7b")
+    ap.add_argument("--out", default=os.environ.get("OUT", str(HERE / "results")))
+    ap.add_argument("--quick", action="store_true", help="smoke test: a short mix, small steps (CPU)")
+    ap.add_argument("--time-limit", type=float, default=330.0, help="skip optional parts past this many seconds")
+    ap.add_argument("--chunk", type=int, default=2048, help="tokens per chunk of the chunked loss")
+    ap.add_argument("--n-seq", type=int, default=mix.N_SEQUENCES, help="sequences in the length mix")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: ablation,methods,profile,free")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    skip = set(filter(None, args.skip.split(",")))
+    device = "cuda" if on_cuda() else "cpu"
+    dtype = torch.bfloat16 if on_cuda() else torch.float32
+    out = Path(args.out)
+    tag = gpu_tag()
+
+    if args.quick:
+        lengths = mix.sample_lengths(n=24, median=40, lo=8, hi=96)
+        batch_size, probe_tokens, candidates = 4, 128, [128, 192, 256, 384, 512]
+        subset = 12
+    else:
+        lengths = mix.sample_lengths(n=args.n_seq)
+        batch_size, probe_tokens, candidates = 8, 2048, [2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576]
+        subset = 64
+    res: dict = {"model": args.model, "machine": machine(), "mix": mix.describe(lengths), "main": [], "plans": {},
+                 "checks": {}, "profiles": {}, "ablation": [], "methods": [], "errors": [],
+                 "settings": {"batch_size_baseline": batch_size, "chunk": args.chunk, "warmup_steps": 2,
+                              "lora": "r=16 alpha=32 dropout=0 on q_proj,v_proj", "optimizer": "paged AdamW 8-bit",
+                              "grad_clip": 1.0, "autocast": str(dtype)}}
+    log("machine", res["machine"])
+    res["matmul"] = matmul_rate()
+    log("matmul", res["matmul"])
+    rate = res["matmul"]["tflops"] if on_cuda() else None
+    res["checks"]["varlen_kernel"] = check_varlen()
+    log("varlen", res["checks"]["varlen_kernel"])
+
+    # ------------------------------------------------------------------ baseline: stock PEFT, length-grouped
+    model, tok = peft_recipe(args.model, dtype)
+    vocab = model.config.vocab_size
+    rows = mix.token_rows(lengths, vocab)
+    total_tokens = sum(lengths)
+    N = N_7B if "7b" in args.model else n_params(model)
+    res["n_for_mfu"] = N
+    res["params_b"] = round(n_params(model) / 1e9, 2)
+    opt = make_optimizer(model)
+    groups = grouped_batches(lengths, batch_size, grouped=True)
+    batches = [padded_batch(rows, g, device) for g in groups]
+    pad = mix.padding_fraction(lengths, groups)
+    r = train_steps(model, batches, plain_loss, opt, dtype, real_tokens=total_tokens)
+    r.update(name="baseline: stock PEFT QLoRA, length-grouped padded batches", tokens_per_step=f"{batch_size} seqs",
+             padding_pct=round(100 * pad, 1), mfu_pct=mfu(r["tokens_per_s"], N, rate))
+    res["main"].append(r)
+    log("baseline", r)
+    budget = r["peak_bytes"] if on_cuda() else 10 * GIB
+    if "profile" not in skip:
+        try:
+            res["profiles"]["baseline (first, longest batch)"] = profile_step(model, batches[0], plain_loss, opt,
+                                                                              dtype)
+        except Exception as err:  # noqa: BLE001
+            res["errors"].append(f"profile baseline: {type(err).__name__}: {err}")
+    write(out, tag, res)
+    del model, opt, batches
+    release()
+
+    # ------------------------------------------------------------------ ours
+    model, tok, info = ours_recipe(args.model, dtype, "lora")
+    res["settings"]["ours"] = info
+    opt = make_optimizer(model)
+    loss_fn = chunked_loss(args.chunk)
+    try:
+        res["checks"]["packing_isolation"] = check_packing_isolation(model, rows, device, dtype)
+        res["checks"]["loss_and_grads_vs_plain"] = check_loss_and_grads(model, rows, device, dtype,
+                                                                         info["attention"])
+    except Exception as err:  # noqa: BLE001
+        res["errors"].append(f"checks: {type(err).__name__}: {err}")
+    log("checks", res["checks"])
+    write(out, tag, res)
+
+    def run_ours(name, budget_bytes, key):
+        plan = plan_for_budget(model, rows, lengths, budget_bytes, loss_fn, opt, dtype, probe_tokens, candidates,
+                               device)
+        res["plans"][key] = plan
+        log("plan", key, {k: v for k, v in plan.items() if k != "calibration"})
+        groups = pack_order(lengths, plan["tokens_per_step"])
+        batches = [packed_batch(rows, g, device) for g in groups]
+        out_r = train_steps(model, batches, loss_fn, opt, dtype, real_tokens=total_tokens)
+        out_r.update(name=name, tokens_per_step=plan["tokens_per_step"],
+                     checkpointed=f"{plan['checkpointed_layers']}/{plan['layers']}", padding_pct=0.0,
+                     mfu_pct=mfu(out_r["tokens_per_s"], N, rate), within_budget=out_r["peak_bytes"] <= budget_bytes)
+        log(key, out_r)
+        return out_r, batches
+
+    r, ours_batches = run_ours(f"ours: qadapter_utils recipe, budget = baseline peak ({gib(budget)} GiB)", budget,
+                               "ours at the baseline's peak")
+    res["main"].append(r)
+    write(out, tag, res)
+    if "profile" not in skip:
+        try:
+            fullest = max(ours_batches, key=lambda b: b["input_ids"].shape[1])
+            res["profiles"]["ours (fullest batch)"] = profile_step(model, fullest, loss_fn, opt, dtype)
+        except Exception as err:  # noqa: BLE001
+            res["errors"].append(f"profile ours: {type(err).__name__}: {err}")
+    del ours_batches
+    release()
+    if "free" not in skip and time.perf_counter() - t_start < args.time_limit:
+        free = int(0.85 * torch.cuda.get_device_properties(0).total_memory) if on_cuda() else 20 * GIB
+        try:
+            r, b = run_ours(f"ours without a memory limit (budget {gib(free)} GiB)", free, "ours, memory no limit")
+            del b
+            res["main"].append(r)
+        except Exception as err:  # noqa: BLE001
+            res["errors"].append(f"ours free: {type(err).__name__}: {err}")
+        release()
+    write(out, tag, res)
+
+    # ------------------------------------------------------------------ ablation of ours (subset, fixed shape)
+    sub_lengths, sub_rows = lengths[:subset], rows[:subset]
+    sub_tokens = sum(sub_lengths)
+    if "ablation" not in skip and time.perf_counter() - t_start < args.time_limit:
+        T = res["plans"]["ours at the baseline's peak"]["tokens_per_step"]
+        checkpoint_layers(model, num_layers(model))
+        variants = [
+            ("packed, transformers' SDPA packed mask, plain loss", "sdpa", plain_loss),
+            ("packed, varlen attention, plain loss", PACKED_ATTENTION, plain_loss),
+            ("packed, varlen attention, chunked loss", PACKED_ATTENTION, loss_fn),
+        ]
+        for name, attn, fn in variants:
+            try:
+                set_attention(model, attn)
+                groups = pack_order(sub_lengths, T)
+                batches = [packed_batch(sub_rows, g, device, varlen=attn == PACKED_ATTENTION) for g in groups]
+                r = train_steps(model, batches, fn, opt, dtype, real_tokens=sub_tokens)
+                r.update(name=name, setting=f"{T} tokens/step, all layers checkpointed",
+                         mfu_pct=mfu(r["tokens_per_s"], N, rate))
+            except Exception as err:  # noqa: BLE001
+                r = {"name": name, "error": f"{type(err).__name__}: {str(err)[:200]}"}
+            res["ablation"].append(r)
+            log("ablation", r)
+            batches = None
+            release()
+        set_attention(model, info["attention"])
+        write(out, tag, res)
+
+    # ------------------------------------------------------------------ methods: LoRA vs prefix vs bottleneck
+    if "methods" not in skip and time.perf_counter() - t_start < args.time_limit:
+        plan = res["plans"]["ours at the baseline's peak"]
+        groups_pad = grouped_batches(sub_lengths, batch_size, grouped=True)
+        pad_batches = [padded_batch(sub_rows, g, device) for g in groups_pad]
+        current = info["adapter"]
+        for method, packed_ok in (("lora", True), ("seq_bn", True), ("prefix", False)):
+            if time.perf_counter() - t_start > args.time_limit + 60:
+                res["errors"].append(f"methods: {method} skipped (time limit)")
+                continue
+            try:
+                if current is not None:
+                    model.delete_adapter(current)
+                    current = None
+                opt = None
+                release()
+                attention = "eager" if method == "prefix" else "sdpa"
+                set_attention(model, attention)
+                current = methods.add_adapter(model, method, gradient_checkpointing=True)
+                if on_cuda():
+                    drop_redundant_casts(model)
+                opt = make_optimizer(model)
+                checkpoint_layers(model, num_layers(model))
+                n_train = sum(p.numel() for p in trainable(model))
+                r = train_steps(model, pad_batches, loss_fn, opt, dtype, real_tokens=sub_tokens)
+                r.update(name=method, setting=f"padded, length-grouped, batch {batch_size}, all layers "
+                         f"checkpointed, {attention} attention, chunked loss", trainable_params=n_train,
+                         mfu_pct=mfu(r["tokens_per_s"], N, rate))
+                res["methods"].append(r)
+                log("method", r)
+                if packed_ok:
+                    set_attention(model, PACKED_ATTENTION)
+                    checkpoint_layers(model, plan["checkpointed_layers"])
+                    groups = pack_order(sub_lengths, plan["tokens_per_step"])
+                    batches = [packed_batch(sub_rows, g, device) for g in groups]
+                    r = train_steps(model, batches, loss_fn, opt, dtype, real_tokens=sub_tokens)
+                    r.update(name=method, setting=f"ours: packed {plan['tokens_per_step']} tokens/step, "
+                             f"{plan['checkpointed_layers']}/{plan['layers']} checkpointed, varlen, chunked loss",
+                             trainable_params=n_train, mfu_pct=mfu(r["tokens_per_s"], N, rate))
+                    res["methods"].append(r)
+                    log("method", r)
+                    batches = None
+            except Exception as err:  # noqa: BLE001
+                res["methods"].append({"name": method, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+                log("method error", method, err)
+            release()
+            write(out, tag, res)
+    res["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    write(out, tag, res)
+    print(markdown(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()

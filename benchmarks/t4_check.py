@@ -1,0 +1,332 @@
+"""Colab T4 check: the longest sequence at batch 1 that trains Llama-2-7B-shaped QLoRA under a 15 GiB cap in fp16.
+
+    python benchmarks/t4_check.py --out benchmarks/results                 # a CUDA GPU (~3 min on an H100)
+    python benchmarks/t4_check.py --model tiny --quick --out /tmp/t4       # smoke test of every code path (CPU)
+
+A free Colab T4 has 15 GiB and no bf16. Here any larger CUDA GPU stands in for it: the process is capped with
+`torch.cuda.set_per_process_memory_fraction` at 15 GiB and computes in fp16 (4-bit NF4 + double quantization base,
+fp16 autocast with a GradScaler, as `Trainer(fp16=True)` does). LoRA r=16 (alpha 32) on q_proj, v_proj, gradient
+checkpointing, paged AdamW 8-bit, batch 1; each length trains 2 full steps (forward, backward, optimizer step).
+
+- stock PEFT recipe: `prepare_model_for_kbit_training` + `LoraConfig`, loss from `model(..., labels=...)`.
+- ours, the qadapter_utils recipe, in the cheapest configuration that trains at each length:
+  1. chunked loss (`qadapter_utils.loss`: no fp32 logits), non-reentrant checkpointing;
+  2. + tiled MLP: each layer's MLP runs over 4,096-token tiles, each tile checkpointed, so its (tokens x 11,008)
+     intermediates exist for one tile at a time (the MLP is position-wise: the same result);
+  3. + checkpoints offloaded to CPU memory: the forward runs under
+     `torch.autograd.graph.save_on_cpu(pin_memory=True)`. Non-reentrant checkpointing saves each layer's input
+     through save_for_backward outside its own hooks, so the 32 layer inputs (tokens x 4,096 x 2 bytes each) wait
+     in pinned host memory until backward needs them, while what the recomputation saves stays on the GPU.
+     (adapters 1.3.0 refuses reentrant checkpointing.)
+  Before the search, the full configuration 3 is compared with the plain recipe (full logits, no tiling, no
+  offload) on a short sequence: loss and every LoRA gradient.
+
+Writes <out>/t4_check_<gpu>.json and .md. The GPU used is named in them: timings are not a T4's, memory is
+(allocator peaks do not depend on the card, except that a T4's SDPA uses the memory-efficient kernel instead of
+flash, both O(sequence) in memory).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import recipe_vs_peft as rv  # noqa: E402  (also puts the repository root on sys.path)
+from qadapter_utils import methods, models  # noqa: E402
+from qadapter_utils.loss import causal_lm_loss  # noqa: E402
+
+GIB = 2**30
+CAP_GIB = 15.0
+MLP_TILE = 4096
+
+
+def load_fp16(model_name: str, dtype):
+    """The 4-bit model with compute dtype `dtype`. For "random:<shape>" the checkpoint load_model already saved
+    (bf16) is loaded with dtype=fp16 instead of building a second one."""
+    if not model_name.startswith("random:") or not hasattr(models, "_random_checkpoint"):
+        return models.load_model(model_name, bits=4, compute_dtype=dtype)[0]
+    from transformers import AutoModelForCausalLM
+
+    folder = models._random_checkpoint(model_name.split(":", 1)[1], torch.bfloat16)
+    device_map = {"": 0} if rv.on_cuda() else {"": "cpu"}
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=models.bnb_config(4, compute_dtype=dtype),
+                                                dtype=dtype, device_map=device_map)
+
+
+def tile_mlp(model, tile: int) -> int:
+    """Run every decoder layer's MLP over `tile`-token tiles; under autograd each tile is checkpointed
+    (non-reentrant), so only one tile's intermediates are alive at a time. Returns the number of MLPs tiled."""
+    n = 0
+    for layer in rv.decoder_layers(model):
+        mlp = layer.mlp
+        if getattr(mlp, "_qadapter_tile", None) is not None:
+            mlp._qadapter_tile = tile
+            n += 1
+            continue
+        original = mlp.forward
+
+        def forward(x, _original=original, _mlp=mlp):
+            size = _mlp._qadapter_tile
+            if not size or x.shape[-2] <= size:
+                return _original(x)
+            parts = []
+            for start in range(0, x.shape[-2], size):
+                piece = x[..., start:start + size, :]
+                if torch.is_grad_enabled():
+                    parts.append(torch.utils.checkpoint.checkpoint(_original, piece, use_reentrant=False))
+                else:
+                    parts.append(_original(piece))
+            return torch.cat(parts, dim=-2)
+
+        mlp.forward = forward
+        mlp._qadapter_tile = tile
+        n += 1
+    return n
+
+
+def set_checkpointing(model, reentrant: bool = False):
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if not hasattr(model, "_require_grads_hook"):
+        model.enable_input_require_grads()
+
+
+def ours_config(model, name: str):
+    """Configure the model for config `name` and return its loss function."""
+    tiled = "tiled" in name
+    offload = "offload" in name
+    set_checkpointing(model)
+    tile_mlp(model, MLP_TILE if tiled else 0)
+    chunk = 2048
+
+    def loss_fn(m, batch):
+        ctx = torch.autograd.graph.save_on_cpu(pin_memory=rv.on_cuda()) if offload else contextlib.nullcontext()
+        with ctx:
+            return causal_lm_loss(m, chunk_size=chunk, **batch)
+
+    return loss_fn
+
+
+CONFIGS = ["chunked loss", "chunked loss + tiled MLP", "chunked loss + tiled MLP + offloaded checkpoints"]
+
+
+def random_batch(length: int, vocab: int, device, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (1, length), generator=g)
+    ids[0, 0] = 1
+    ids = ids.to(device)
+    return {"input_ids": ids, "labels": ids.clone(), "use_cache": False}
+
+
+def attempt(model, length, loss_fn, optimizer, dtype, vocab, device, steps: int = 2) -> dict:
+    """`steps` training steps at batch 1 x `length`; {"ok", "peak_gib", "step_s", "loss"} or the error."""
+    rv.release()
+    rv.reset_peak()
+    error = None
+    try:
+        batch = random_batch(length, vocab, device)
+        scaler = torch.amp.GradScaler("cuda") if (rv.on_cuda() and dtype == torch.float16) else None
+        times, loss = [], None
+        for _ in range(steps):
+            seconds, _ = rv.one_step(model, batch, loss_fn, optimizer, dtype, scaler=scaler)
+            times.append(seconds)
+        result = {"ok": True, "peak_gib": rv.gib(rv.peak_bytes()), "step_s": round(times[-1], 2)}
+    except torch.OutOfMemoryError as err:
+        error = "out of memory: " + str(err).split("\n")[0][:120]
+    except RuntimeError as err:  # e.g. pinned memory exhausted, cuBLAS allocation failures
+        if "out of memory" not in str(err).lower() and "CUBLAS_STATUS_ALLOC_FAILED" not in str(err):
+            raise
+        error = "out of memory: " + str(err).split("\n")[0][:120]
+    if error is not None:
+        batch = None
+        optimizer.zero_grad(set_to_none=True)
+        for p in rv.trainable(model):
+            p.grad = None
+        peak = rv.peak_bytes()
+        rv.release()
+        return {"ok": False, "error": error, "peak_gib": rv.gib(peak)}
+    return result
+
+
+def compare_full_vs_plain(model, dtype, vocab, device, length: int = 512) -> dict:
+    """Loss and LoRA gradients of the plain recipe (full logits, non-reentrant checkpointing) against ours in its
+    fullest configuration (chunked loss in chunks of 128, MLP tiles of 128, offloaded checkpoints) on
+    one sequence of `length` tokens."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    batch = random_batch(length, vocab, device, seed=7)
+
+    def run(fn):
+        for p in params.values():
+            p.grad = None
+        with rv.autocast(dtype):
+            loss = fn()
+        loss.backward()
+        grads = {n: p.grad.detach().float().clone() for n, p in params.items() if p.grad is not None}
+        for p in params.values():
+            p.grad = None
+        return loss.detach().float().item(), grads
+
+    set_checkpointing(model)
+    tile_mlp(model, 0)
+    ref_loss, ref = run(lambda: model(**batch).loss)
+    tile_mlp(model, 128)
+
+    def ours():
+        with torch.autograd.graph.save_on_cpu(pin_memory=rv.on_cuda()):
+            return causal_lm_loss(model, chunk_size=128, **batch)
+
+    loss, grads = run(ours)
+    tile_mlp(model, 0)
+    rel = [((grads[n] - ref[n]).norm() / ref[n].norm()).item() for n in ref if ref[n].norm() > 0]
+    return {"length": length, "loss_plain": ref_loss, "loss_ours": loss,
+            "rel_err_loss": abs(loss - ref_loss) / abs(ref_loss), "nonzero_grad_tensors": len(rel),
+            "max_rel_err_grad": max(rel), "median_rel_err_grad": sorted(rel)[len(rel) // 2],
+            "same_param_set": set(grads) == set(ref)}
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"# Colab T4 check (15 GiB cap, fp16) on {m.get('gpu')}", "",
+             f"Model {res['model']}, 4-bit NF4 + double quant, fp16 compute + GradScaler; LoRA r=16 alpha=32 on q,v; "
+             f"paged AdamW 8-bit; batch 1; 2 training steps per length; cap "
+             f"`set_per_process_memory_fraction` = {res['cap_gib']} GiB. torch {m.get('torch')}, transformers "
+             f"{m.get('transformers')}, peft {m.get('peft')}, adapters {m.get('adapters')}, bitsandbytes "
+             f"{m.get('bitsandbytes')}.", "",
+             "| recipe | configuration | sequence length | trains | peak allocated | step time (this GPU) |",
+             "|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        lines.append(f"| {r['recipe']} | {r.get('config', '')} | {r['length']} | "
+                     f"{'yes' if r.get('ok') else 'no: ' + str(r.get('error', ''))[:60]} | {r.get('peak_gib')} GiB | "
+                     f"{r.get('step_s', '')} s |")
+    lines += ["", "Longest that trains: " + ", ".join(f"{k}: {v}" for k, v in res["longest"].items()), ""]
+    if res.get("checks"):
+        lines += ["## Same result as the plain recipe (short sequence, on this GPU)", "", "```",
+                  json.dumps(res["checks"], indent=1), "```", ""]
+    if res.get("errors"):
+        lines += ["## Errors", ""] + [f"- {e}" for e in res["errors"]] + [""]
+    return "\n".join(lines)
+
+
+def write(out: Path, res: dict):
+    out.mkdir(parents=True, exist_ok=True)
+    tag = rv.gpu_tag()
+    (out / f"t4_check_{tag}.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / f"t4_check_{tag}.md").write_text(markdown(res))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="random:llama2-7b")
+    ap.add_argument("--out", default=os.environ.get("OUT", str(HERE / "results")))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--cap-gib", type=float, default=CAP_GIB)
+    ap.add_argument("--time-limit", type=float, default=200.0)
+    ap.add_argument("--peft-lengths", default="8192,10240,12288,16384")
+    ap.add_argument("--ours-lengths", default="16384,24576,32768,40960,49152,65536")
+    ap.add_argument("--plain-lengths", default="12288,16384")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    device = "cuda" if rv.on_cuda() else "cpu"
+    dtype = torch.float16 if rv.on_cuda() else torch.float32
+    global MLP_TILE
+    if args.quick:
+        peft_lengths, ours_lengths, plain_lengths, MLP_TILE = [64, 128], [128, 256, 384], [128], 32
+    else:
+        peft_lengths, ours_lengths, plain_lengths = ([int(x) for x in a.split(",") if x] for a in (
+            args.peft_lengths, args.ours_lengths, args.plain_lengths))
+    if rv.on_cuda():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total))
+    res = {"model": args.model, "machine": rv.machine(), "cap_gib": args.cap_gib, "runs": [], "longest": {},
+           "checks": {}, "errors": []}
+    print(res["machine"], flush=True)
+
+    # ---------------------------------------------------------------- stock PEFT recipe
+    try:
+        model = load_fp16(args.model, dtype)
+        model, _ = rv.peft_recipe(args.model, dtype, model=model)
+        vocab = model.config.vocab_size
+        opt = rv.make_optimizer(model)
+        for n in peft_lengths:
+            r = attempt(model, n, rv.plain_loss, opt, dtype, vocab, device)
+            r.update(recipe="stock PEFT", config="plain loss, reentrant checkpointing", length=n)
+            res["runs"].append(r)
+            print(r, flush=True)
+            if r["ok"]:
+                res["longest"]["stock PEFT"] = n
+            else:
+                break
+        del model, opt
+    except Exception as err:  # noqa: BLE001
+        res["errors"].append(f"peft: {type(err).__name__}: {str(err)[:300]}")
+    rv.release()
+    write(Path(args.out), res)
+
+    # ---------------------------------------------------------------- ours
+    model = load_fp16(args.model, dtype)
+    rv.set_attention(model, "sdpa")
+    methods.add_adapter(model, "lora", gradient_checkpointing=True)
+    if rv.on_cuda():
+        rv.drop_redundant_casts(model)
+    model.train()
+    vocab = model.config.vocab_size
+    opt = rv.make_optimizer(model)
+    try:
+        res["checks"]["full configuration vs plain recipe"] = compare_full_vs_plain(model, dtype, vocab, device,
+                                                                                    length=128 if args.quick else 512)
+    except Exception as err:  # noqa: BLE001
+        res["errors"].append(f"check: {type(err).__name__}: {str(err)[:300]}")
+    print(res["checks"], flush=True)
+    write(Path(args.out), res)
+
+    # the plain adapters recipe (qadapter_utils without the chunked loss), for comparison
+    set_checkpointing(model)
+    tile_mlp(model, 0)
+    for n in plain_lengths:
+        r = attempt(model, n, rv.plain_loss, opt, dtype, vocab, device)
+        r.update(recipe="adapters, plain loss", config="non-reentrant checkpointing", length=n)
+        res["runs"].append(r)
+        print(r, flush=True)
+        if r["ok"]:
+            res["longest"]["adapters, plain loss"] = n
+        else:
+            break
+    write(Path(args.out), res)
+
+    first = 0
+    for n in ours_lengths:
+        if time.perf_counter() - t0 > args.time_limit:
+            res["errors"].append(f"ours: lengths from {n} not tried (time limit {args.time_limit} s)")
+            break
+        trained = False
+        for i in range(first, len(CONFIGS)):
+            loss_fn = ours_config(model, CONFIGS[i])
+            r = attempt(model, n, loss_fn, opt, dtype, vocab, device)
+            r.update(recipe="ours", config=CONFIGS[i], length=n)
+            res["runs"].append(r)
+            print(r, flush=True)
+            write(Path(args.out), res)
+            if r["ok"]:
+                res["longest"]["ours"] = n
+                trained = True
+                if not args.quick:  # the smoke test runs every configuration at every length
+                    first = i
+                    break
+        if not trained:
+            break
+    res["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    write(Path(args.out), res)
+    print(markdown(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
