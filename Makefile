@@ -32,6 +32,7 @@ run: $(STAMP)  ## execute every notebook in order on the embedded tiny model (ou
 	  echo "== $$nb"; start=$$(date +%s); \
 	  (cd notebooks && ../$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 	     --ExecutePreprocessor.timeout=1800 --log-level=WARN $$(basename $$nb)) || exit 1; \
+	  $(BIN)/python scripts/clean_notebooks.py $$nb; \
 	  echo "   $$(( $$(date +%s) - start )) s"; \
 	done
 

@@ -1,0 +1,57 @@
+"""Cheap, strict checks on the committed notebooks (nbval executes them; this checks what GitHub shows)."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+SECRET = re.compile(r"hf_[A-Za-z0-9]{20,}")
+MACHINE_PATH = re.compile(r"(/work/|/root/|/home/\w+/|/tmp/[\w.-]+/)")
+
+
+def _load(path):
+    return json.loads(path.read_text())
+
+
+def _outputs_text(cell):
+    for out in cell.get("outputs", []):
+        if "text" in out:
+            yield "".join(out["text"])
+        for key, value in out.get("data", {}).items():
+            if key.startswith("text/"):
+                yield "".join(value)
+
+
+def test_series_is_complete_and_numbered():
+    numbers = [int(p.name[:2]) for p in NOTEBOOKS]
+    assert numbers == list(range(len(NOTEBOOKS))) and len(NOTEBOOKS) >= 7
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_conventions(path):
+    nb = _load(path)
+    cells = nb["cells"]
+    first = "".join(cells[0]["source"])
+    assert cells[0]["cell_type"] == "markdown" and first.startswith("# ")
+    assert f"colab.research.google.com/github/qadapter/qadapter/blob/main/notebooks/{path.name}" in first
+    code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    assert code[0].startswith("# NBVAL_SKIP") and '"google.colab" in sys.modules' in code[0]
+    assert any("env.report()" in c for c in code[:3]), "an environment cell near the top"
+    assert "Exercises" in "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    assert any(c.startswith("# NBVAL_CHECK_OUTPUT") for c in code), "structural results must be checked"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_outputs_are_clean(path):
+    nb = _load(path)
+    executed = [c for c in nb["cells"] if c["cell_type"] == "code" and not "".join(c["source"]).startswith(
+        "# NBVAL_SKIP")]
+    assert all(c.get("execution_count") for c in executed), "commit the notebook executed (make run)"
+    for cell in nb["cells"]:
+        assert "execution" not in cell.get("metadata", {}), "timestamps: run scripts/clean_notebooks.py"
+        for out in cell.get("outputs", []):
+            assert out["output_type"] != "error" or "NBVAL_RAISES_EXCEPTION" in "".join(cell["source"])
+        for text in _outputs_text(cell):
+            assert not SECRET.search(text), "a token in the outputs"
+            assert not MACHINE_PATH.search(text), f"a machine path in the outputs: {MACHINE_PATH.search(text)[0]}"
