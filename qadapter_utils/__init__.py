@@ -20,6 +20,8 @@ _EXPORTS = {
     "AdapterMethodError": "methods",
     "weight_memory": "quant", "bits_per_param": "quant", "measured_weight_memory": "quant",
     "merge_lora": "merge",
+    "make_trainer": "train", "evaluate": "train", "world_qa": "data", "load_instruction_data": "data",
+    "estimate_training_memory": "memory", "measure_training_memory": "memory",
 }
 __all__ = sorted(_EXPORTS) + ["env", "quant"]
 

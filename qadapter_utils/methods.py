@@ -394,6 +394,22 @@ def _init(model) -> None:
     training = model.training
     adapters.init(model)
     model.train(training)
+    for layer in _decoder_layers(model):
+        layer.register_forward_pre_hook(_pass_kv_cache, with_kwargs=True)
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    base = getattr(model, "model", None)
+    return list(getattr(base, "layers", []))
+
+
+def _pass_kv_cache(module, args, kwargs):
+    """adapters 1.3.0's decoder layers read `past_key_value`, transformers 4.57 passes `past_key_values`, so the
+    KV cache is silently dropped and cached generation goes wrong after adapters.init (adapter-hub/adapters#824).
+    Hand the cache over under the name the layer reads."""
+    if "past_key_values" in kwargs and kwargs.get("past_key_value") is None:
+        kwargs["past_key_value"] = kwargs.pop("past_key_values")
+    return args, kwargs
 
 
 def _gradient_checkpointing(model, enable: bool | None) -> None:

@@ -262,3 +262,22 @@ def test_sdpa_prefix_bug_is_what_we_prevent(tok):
     model(**batch, labels=labels, use_cache=False).loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
     assert grads and all(g is None or not g.any() for g in grads)
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_cached_generation_equals_uncached_after_adapters_init(tok, method):
+    """adapters 1.3.0 drops transformers 4.57's KV cache (past_key_values vs past_key_value): add_adapter hands it
+    over, so generate() with the cache gives the same scores as without (without the fix they differ by ~16)."""
+    model, _ = load_model("tiny", bits=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        add_adapter(model, method)
+    model.eval()
+    inputs = tok(["Ada lives in", "three plus four is"], return_tensors="pt", padding=True, padding_side="left")
+    runs = []
+    with torch.no_grad():
+        for cache in (True, False):
+            runs.append(model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
+                                       use_cache=cache, output_scores=True, return_dict_in_generate=True))
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(runs[0].scores, runs[1].scores)) < 1e-4

@@ -1,0 +1,171 @@
+"""Merging a LoRA (or (IA)^3) adapter into a quantized model for deployment: `merge_lora` returns a new, plain
+model whose linear layers hold the dequantized base weight with the adapter folded in.
+
+    merged = merge_lora(model, "lora")          # model: 4-bit or 8-bit base + trained LoRA; left unchanged
+    merged.save_pretrained("llama2-7b-merged")  # a normal checkpoint: no adapters, no bitsandbytes needed
+    requantized = requantize(merged, bits=4)    # optional: quantize the merged weights again (costs accuracy)
+
+Why not adapters' own `model.merge_adapter(name)`: on a bitsandbytes 4-bit base (adapters 1.3.0, bitsandbytes
+0.50) it writes the merged full-precision matrix back into the `Params4bit` object, still flagged as quantized, so
+the layer later reads float bytes as packed 4-bit codes and the logits are wrong (notebook 04 shows it;
+tests/test_merge.py checks it), and it changes the caller's model in place. Merging into 4-bit codes is lossy
+anyway: W + BA is not representable on the NF4 grid of W. So the merged weight is kept in full precision
+(the compute dtype: bf16/fp16 on GPUs, fp32 on the CPU), in a new model built from the same config.
+
+What it costs: the merged model has a full-precision copy of every linear layer (Llama 2-7B: 13.5 GB in bf16
+versus 3.9 GB in 4-bit); pass device="cpu" to build it in CPU memory. The merged logits equal the adapter-on
+4-bit model's up to float rounding (both compute x @ dequant(W).T in the compute dtype; measured on the tiny
+model: max |difference| ~1e-5 for logits up to ~16, tests/test_merge.py allows 1e-4). Against an 8-bit base in
+eval mode they differ more (tiny model: max ~0.3, mean ~0.03), because LLM.int8() also rounds the activations to
+int8, which a merged float model does not; the merged weights themselves are exact. On a CPU with AVX512-BF16,
+bitsandbytes runs eval-mode 4-bit layers through a bf16 kernel: expect bf16-sized differences there.
+
+Introduced in notebooks/04_training.ipynb. Needs qadapter_utils.weights (dequantized_weight).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from qadapter_utils.weights import dequantized_weight
+
+
+class MergeError(ValueError):
+    """Raised by merge_lora with a message that says what to do instead."""
+
+
+def _lora_layers(model, adapter_name: str) -> dict[str, torch.nn.Module]:
+    """Module path -> adapters LoRA-wrapped linear layer that holds `adapter_name`."""
+    from adapters.methods.lora import LoRALinear
+
+    return {path: module for path, module in model.named_modules()
+            if isinstance(module, LoRALinear) and adapter_name in module.loras}
+
+
+def _check(model, adapter_name: str) -> dict[str, torch.nn.Module]:
+    if not hasattr(model, "adapters_config"):
+        raise MergeError("the model has no adapters: merge_lora needs a model with a trained LoRA adapter "
+                         "(qadapter_utils.methods.add_adapter(model, 'lora') and training)")
+    if adapter_name not in model.adapters_config:
+        raise MergeError(f"the model has no adapter named {adapter_name!r}; it has "
+                         f"{list(model.adapters_config.adapters)}")
+    layers = _lora_layers(model, adapter_name)
+    if not layers:
+        raise MergeError(f"adapter {adapter_name!r} is not a LoRA-type adapter (it has no weights inside linear "
+                         f"layers): only LoRA and (IA)^3 can be merged into the base weights. Keep bottleneck "
+                         f"adapters, prefix tuning etc. as adapters, or train a LoRA ('lora', 'lora_all').")
+    for path, layer in layers.items():
+        lora = layer.loras[adapter_name]
+        kind = type(lora).__name__
+        if kind not in ("LoRA", "IA3"):
+            raise MergeError(f"{path}: {kind} adapters cannot be merged by merge_lora (supported: LoRA and "
+                             f"(IA)^3); keep the adapter unmerged")
+        if getattr(lora, "use_gating", False):
+            raise MergeError(f"{path}: adapter {adapter_name!r} uses gating (its contribution depends on the "
+                             f"input), which no fixed weight can represent; keep it unmerged")
+        if getattr(lora, "use_dora", False):
+            raise MergeError(f"{path}: DoRA adapters are not merged by merge_lora; keep it unmerged")
+        if layer.merged:
+            raise MergeError(f"{path}: adapter {layer.merged!r} was merged in place by adapters' merge_adapter, "
+                             f"which corrupts a quantized weight; reload the base model and the saved adapter, "
+                             f"then call merge_lora")
+        if getattr(layer, "fan_in_fan_out", False):
+            raise MergeError(f"{path}: fan_in_fan_out layers (GPT-2 style Conv1D) are not supported")
+    return layers
+
+
+def merged_weight(layer: torch.nn.Module, adapter_name: str, dtype: torch.dtype = torch.float32) -> tuple:
+    """(weight, bias) of one adapters LoRA-wrapped linear layer with adapter `adapter_name` folded in, computed
+    in fp32 from the dequantized base weight and returned in `dtype`: LoRA W + (alpha/r) B A; (IA)^3
+    diag(alpha * l) W (and the bias scaled alike). (04_training)"""
+    lora = layer.loras[adapter_name]
+    weight = dequantized_weight(layer).to(torch.float32)
+    bias = layer.bias.detach().to(torch.float32) if getattr(layer, "bias", None) is not None else None
+    with torch.no_grad():
+        if type(lora).__name__ == "IA3":
+            scale = (lora.lora_B.detach().to(torch.float32) * lora.scaling).reshape(-1)  # one factor per output
+            weight = weight * scale[:, None]
+            if bias is not None:
+                bias = bias * scale
+        else:
+            delta = lora.lora_B.detach().to(torch.float32) @ lora.lora_A.detach().to(torch.float32)
+            weight = weight + delta.to(weight.device) * lora.scaling
+    return weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+
+
+def _plain_config(model):
+    config = copy.deepcopy(model.config)
+    for attribute in ("quantization_config", "adapters", "_pre_quantization_dtype"):
+        if attribute in config.__dict__:
+            delattr(config, attribute)
+    return config
+
+
+def merge_lora(model, adapter_name: str, dtype: torch.dtype | None = None, device=None):
+    """A new model (same architecture, no adapters, no quantization) whose linear layers hold the dequantized
+    base weights of `model` with LoRA (or (IA)^3) adapter `adapter_name` merged in, in `dtype` (default: the
+    compute dtype, that of the input embeddings) on `device` (default: where the embeddings are); every other
+    weight (embeddings, norms, lm_head) is copied. `model` itself is not modified; its other adapters are not
+    part of the result. The result is in eval mode. Raises MergeError for adapters that cannot be merged
+    (bottleneck, prefix, gated, DoRA, VeRA) or were already merged in place. (04_training)"""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    layers = _check(model, adapter_name)
+    embeddings = model.get_input_embeddings().weight
+    dtype = dtype or embeddings.dtype
+    device = torch.device(device) if device is not None else embeddings.device
+    config = _plain_config(model)
+    with init_empty_weights(include_buffers=False):
+        merged = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {}
+    old_modules = dict(model.named_modules())
+    for key in merged.state_dict():
+        path, _, leaf = key.rpartition(".")
+        old = old_modules.get(path)
+        if old is None:
+            raise MergeError(f"{key}: no module {path!r} in the adapter model; merge_lora expects the same "
+                             f"architecture (is this model wrapped by another library?)")
+        if path in layers:
+            weight, bias = merged_weight(old, adapter_name, dtype)
+            value = weight if leaf == "weight" else bias
+        elif isinstance(old, torch.nn.Linear) and leaf == "weight":
+            value = dequantized_weight(old).to(dtype)   # quantized layers without this adapter, or plain ones
+        else:  # embeddings, norms, lm_head: copied (cloned, so the two models never share storage)
+            source = getattr(old, leaf).detach()
+            value = (source.to(dtype) if source.is_floating_point() else source).clone()
+        state[key] = value.to(device)
+    merged.load_state_dict(state, strict=True, assign=True)
+    merged.tie_weights()
+    merged.to(device)
+    if getattr(model, "generation_config", None) is not None:
+        merged.generation_config = copy.deepcopy(model.generation_config)
+    merged.eval()
+    return merged
+
+
+def requantize(merged, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True, folder=None):
+    """The merged model quantized again with bitsandbytes (`bits` 4 or 8) through a save_pretrained /
+    from_pretrained round trip with a BitsAndBytesConfig, as a user would deploy it; `folder` defaults to a
+    temporary one. Returns the quantized model (eval mode). The merged weights do not lie on the quantization
+    grid, so this costs some accuracy: compare its logits or task accuracy with the merged model's.
+    (04_training)"""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if bits not in (4, 8):
+        raise MergeError(f"bits={bits!r}: requantize to 4 (NF4/FP4) or 8 (LLM.int8()) bits")
+    dtype = merged.get_input_embeddings().weight.dtype
+    folder = folder or tempfile.mkdtemp(prefix="qadapter-merged-")
+    merged.save_pretrained(folder, safe_serialization=True)
+    config = (BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else
+              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype))
+    device = merged.get_input_embeddings().weight.device
+    device_map = {"": device.index if device.type == "cuda" else str(device)}
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=dtype,
+                                                 device_map=device_map)
+    model.eval()
+    return model
