@@ -21,7 +21,8 @@ _EXPORTS = {
     "weight_memory": "quant", "bits_per_param": "quant", "measured_weight_memory": "quant",
     "merge_lora": "merge",
     "make_trainer": "train", "evaluate": "train", "world_qa": "data", "load_instruction_data": "data",
-    "estimate_training_memory": "memory", "measure_training_memory": "memory",
+    "estimate_training_memory": "memory", "measure_training_memory": "memory", "profile_training_step": "memory",
+    "fits": "memory", "max_batch_size": "memory", "max_seq_len": "memory",
 }
 __all__ = sorted(_EXPORTS) + ["env", "quant"]
 
