@@ -20,14 +20,6 @@ from qadapter_utils.models import load_model
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model's matmuls are far faster on one thread on a shared CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return load_model("tiny")[1]

@@ -23,14 +23,6 @@ def load(name="tiny", bits=None, quant_type="nf4", double_quant=True):
     return load_model(name, bits=bits, quant_type=quant_type, double_quant=double_quant)[0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model's matmuls are far faster on one thread on a shared CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def fp32_weights():
     model = load()
