@@ -273,3 +273,18 @@ def test_cached_generation_equals_uncached_after_adapters_init(tok, method):
                                        use_cache=cache, output_scores=True, return_dict_in_generate=True))
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     assert max((a - b).abs().max().item() for a, b in zip(runs[0].scores, runs[1].scores)) < 1e-4
+
+
+def test_turning_checkpointing_off_removes_the_input_grad_hooks():
+    model, _ = load_model("tiny", bits=4)
+    add_adapter(model, "lora", gradient_checkpointing=True)
+    embedding = model.get_input_embeddings()
+    assert any(getattr(h, "__name__", "") == "make_inputs_require_grads" for h in embedding._forward_hooks.values())
+    from qadapter_utils.methods import _gradient_checkpointing
+
+    _gradient_checkpointing(model, False)
+    assert not model.is_gradient_checkpointing
+    assert not any(getattr(h, "__name__", "") == "make_inputs_require_grads"
+                   for h in embedding._forward_hooks.values())
+    out = embedding(torch.tensor([[1, 2, 3]]))
+    assert not out.requires_grad
