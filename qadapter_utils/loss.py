@@ -23,7 +23,7 @@ states; calling the decoder `model.model` directly would skip the forward contex
 tuning needs) and this loss on lm_head's weight; it works on plain transformers models, on models with AdapterHub
 adapters and on peft models (lm_head found through `get_base_model()`).
 
-Introduced in notebooks/04_training.ipynb (memory: 05_memory_profiling). Works when copied alone (needs only torch;
+Used by qadapter_utils.train.make_trainer(chunked_loss=True) and benchmarks/ (memory: 05_memory_profiling). Works when copied alone (needs only torch;
 transformers for the model).
 """
 from __future__ import annotations
@@ -103,7 +103,7 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     shift=True: position t is trained to predict labels[t + 1] (what `model(..., labels=labels)` does);
     shift=False: labels are already the targets of each position. Positions whose target is `ignore_index` are
     left out before the matmul. Reduction: the mean over the counted targets, or their sum divided by
-    `num_items_in_batch` when given (the Trainer's gradient-accumulation convention). (04_training)"""
+    `num_items_in_batch` when given (the Trainer's gradient-accumulation convention). (make_trainer(chunked_loss=True))"""
     if hidden.dim() < 2 or labels.shape != hidden.shape[:-1]:
         raise ValueError(f"hidden must be (..., seq, hidden) and labels (..., seq) with the same leading shape; "
                          f"got hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)}")
@@ -164,7 +164,7 @@ def causal_lm_loss(model, input_ids=None, labels=None, *, chunk_size: int = DEFA
     peft model) without materialising its logits: runs the model's own forward with its output layer (lm_head)
     swapped for an identity for the duration of the call, so the forward returns the last hidden states, then
     `chunked_lm_loss` on lm_head's weight. Equals `model(input_ids, labels=labels, ...).loss`. model_kwargs go to
-    the model (attention_mask, position_ids, use_cache, ...). (04_training)"""
+    the model (attention_mask, position_ids, use_cache, ...). (make_trainer(chunked_loss=True))"""
     if labels is None:
         raise ValueError("causal_lm_loss needs labels (the input ids, with -100 where no loss is wanted)")
     base = _unwrap(model)
@@ -183,13 +183,14 @@ def chunked_compute_loss(model, inputs: dict, return_outputs: bool = False, num_
                          chunk_size: int = DEFAULT_CHUNK):
     """A drop-in for `Trainer.compute_loss` (set `trainer.compute_loss = chunked_compute_loss`, or wrap with
     functools.partial for another chunk_size): the batch's loss through causal_lm_loss. No logits are returned
-    (return_outputs=True gives (loss, None)). (04_training)"""
+    (return_outputs=True gives (loss, {"loss": loss}), which is what the Trainer's evaluation reads).
+    (make_trainer(chunked_loss=True))"""
     inputs = dict(inputs)
     labels = inputs.pop("labels", None)
     input_ids = inputs.pop("input_ids", None)
     loss = causal_lm_loss(model, input_ids, labels, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch,
                           **inputs)
-    return (loss, None) if return_outputs else loss
+    return (loss, {"loss": loss}) if return_outputs else loss
 
 
 def logits_bytes(tokens: int, vocab_size: int = 32000, compute_bytes: int = 2) -> dict:

@@ -85,7 +85,8 @@ def _existing_work(folder: Path) -> list[str]:
 
 
 def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, max_length: int | None = 256,
-                 callbacks: Sequence[TrainerCallback] = (), resume: bool = False, **overrides):
+                 callbacks: Sequence[TrainerCallback] = (), resume: bool = False, chunked_loss: bool = False,
+                 chunk_size: int = 2048, **overrides):
     """An `adapters.AdapterTrainer` for `model` (with an adapter set to train, e.g. by
     qadapter_utils.methods.add_adapter) on `train` / `eval` (datasets or lists of prompt/answer rows, or rows
     already tokenized with input_ids/labels).
@@ -96,7 +97,9 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     `trainer.train(resume_from_checkpoint=True)`) or overwrite_output_dir=True; save_total_limit defaults to None,
     so no checkpoint is ever deleted. With eval given, eval_strategy defaults to "steps". packing=True batches
     without padding (data.make_collator). A StepStats callback records time per step and peak memory; read it
-    with step_stats(trainer). (04_training)"""
+    with step_stats(trainer). chunked_loss=True computes lm_head and the loss `chunk_size` tokens at a time
+    (qadapter_utils.loss), so the full fp32 logits (tokens x vocab x 4 bytes, twice) never exist: what limits the
+    sequence length of a 7B model on a 16 GB GPU. (04_training)"""
     from adapters import AdapterTrainer
 
     if not hasattr(model, "adapters_config") or model.active_adapters is None:
@@ -145,6 +148,12 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     trainer = AdapterTrainer(model=model, args=arguments, train_dataset=train, eval_dataset=eval,
                              data_collator=make_collator(tokenizer, packing=packing), processing_class=tokenizer,
                              callbacks=[stats, *callbacks])
+    if chunked_loss:
+        import functools
+
+        from qadapter_utils.loss import chunked_compute_loss
+
+        trainer.compute_loss = functools.partial(chunked_compute_loss, chunk_size=chunk_size)
     return trainer
 
 
