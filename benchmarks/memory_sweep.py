@@ -158,18 +158,6 @@ def load(model_name: str, bits: int, double_quant: bool, compute_dtype=None):
     return model
 
 
-def remove_input_require_grads_hooks(model) -> None:
-    """Remove every hook `enable_input_require_grads` registered (adapters' gradient_checkpointing_enable
-    registers one per call and keeps only the last handle), so a row without checkpointing runs as in a fresh
-    process."""
-    embeddings = model.get_input_embeddings()
-    for key, hook in list(embeddings._forward_hooks.items()):
-        if getattr(hook, "__name__", "") == "make_inputs_require_grads":
-            del embeddings._forward_hooks[key]
-    if hasattr(model, "_require_grads_hook"):
-        del model._require_grads_hook
-
-
 def allocated() -> int:
     return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
 
@@ -266,7 +254,7 @@ def run(args) -> list[dict]:
                           quant_type="nf4", method=method, overrides=overrides, gradient_checkpointing=gc_on,
                           batch_size=batch, seq_len=seq, optimizer=optimizer, steps=args.steps)
             try:
-                remove_input_require_grads_hooks(model)  # each row starts as in a fresh process
+                methods.remove_input_require_grads_hooks(model)  # each row starts as in a fresh process
                 if model.config._attn_implementation != "sdpa":  # add_adapter switches prefix tuning to eager
                     model.set_attn_implementation("sdpa")
                 config_overrides = {k: v for k, v in overrides.items() if k not in ("adapter_dtype", "compute_dtype")}

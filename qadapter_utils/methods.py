@@ -417,13 +417,13 @@ def _gradient_checkpointing(model, enable: bool | None) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif enable is False and getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
-        _remove_input_require_grads_hooks(model)
+        remove_input_require_grads_hooks(model)
     if getattr(model, "is_gradient_checkpointing", False) and not hasattr(model, "_require_grads_hook"):
         model.enable_input_require_grads()
 
 
-def _remove_input_require_grads_hooks(model) -> None:
-    """adapters registers an enable_input_require_grads hook at every gradient_checkpointing_enable call and keeps
+def remove_input_require_grads_hooks(model) -> None:
+    """Remove every input-grad hook of the embeddings. adapters registers an enable_input_require_grads hook at every gradient_checkpointing_enable call and keeps
     only the last handle; left in place after checkpointing is turned off, they make the embedding output require
     grad, so layer 0 keeps activations it need not (measured on the GPU in benchmarks/results/memory_*.md)."""
     embedding = model.get_input_embeddings()
