@@ -478,6 +478,24 @@ def chunked_loss(chunk_size: int):
     return fn
 
 
+def optimizer_step(model, params, batch, loss_fn, optimizer, dtype, scaler=None) -> torch.Tensor:
+    """Forward under autocast, backward (through the fp16 GradScaler when given), clip to norm 1, optimizer step;
+    returns the detached loss."""
+    with autocast(dtype):
+        loss = loss_fn(model, batch)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def train_steps(model, batches, loss_fn, optimizer, dtype, warmup: int = 2, scaler=None, real_tokens=None) -> dict:
     """Run `warmup` untimed steps (the first batches again), then one timed step per batch. Returns real tokens,
     seconds, tokens/s, peak allocated (over warm-up and epoch), step times and first/last loss."""
@@ -487,21 +505,7 @@ def train_steps(model, batches, loss_fn, optimizer, dtype, warmup: int = 2, scal
     losses, times = [], []
 
     def step(batch):
-        with autocast(dtype):
-            loss = loss_fn(model, batch)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return optimizer_step(model, params, batch, loss_fn, optimizer, dtype, scaler)
 
     for batch in batches[:warmup]:
         step(batch)
@@ -527,19 +531,7 @@ def one_step(model, batch, loss_fn, optimizer, dtype, scaler=None) -> tuple[floa
     reset_peak()
     sync()
     t = time.perf_counter()
-    with autocast(dtype):
-        loss = loss_fn(model, batch)
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    del loss
+    optimizer_step(model, params, batch, loss_fn, optimizer, dtype, scaler)
     sync()
     return time.perf_counter() - t, peak_bytes()
 

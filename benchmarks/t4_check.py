@@ -126,6 +126,18 @@ def random_batch(length: int, vocab: int, device, seed: int = 0) -> dict:
     return {"input_ids": ids, "labels": ids.clone(), "use_cache": False}
 
 
+def search_lengths(res, model, lengths, loss_fn, opt, dtype, vocab, device, recipe: str, config: str) -> None:
+    """Try `lengths` in increasing order until one fails; record each run and the longest that trained."""
+    for n in lengths:
+        r = attempt(model, n, loss_fn, opt, dtype, vocab, device)
+        r.update(recipe=recipe, config=config, length=n)
+        res["runs"].append(r)
+        print(r, flush=True)
+        if not r["ok"]:
+            break
+        res["longest"][recipe] = n
+
+
 def attempt(model, length, loss_fn, optimizer, dtype, vocab, device, steps: int = 2) -> dict:
     """`steps` training steps at batch 1 x `length`; {"ok", "peak_gib", "step_s", "loss"} or the error."""
     rv.release()
@@ -255,15 +267,8 @@ def main(argv=None):
         model, _ = rv.peft_recipe(args.model, dtype, model=model)
         vocab = model.config.vocab_size
         opt = rv.make_optimizer(model)
-        for n in peft_lengths:
-            r = attempt(model, n, rv.plain_loss, opt, dtype, vocab, device)
-            r.update(recipe="stock PEFT", config="plain loss, reentrant checkpointing", length=n)
-            res["runs"].append(r)
-            print(r, flush=True)
-            if r["ok"]:
-                res["longest"]["stock PEFT"] = n
-            else:
-                break
+        search_lengths(res, model, peft_lengths, rv.plain_loss, opt, dtype, vocab, device, "stock PEFT",
+                       "plain loss, reentrant checkpointing")
         del model, opt
     except Exception as err:  # noqa: BLE001
         res["errors"].append(f"peft: {type(err).__name__}: {str(err)[:300]}")
@@ -290,15 +295,8 @@ def main(argv=None):
     # the plain adapters recipe (qadapter_utils without the chunked loss), for comparison
     set_checkpointing(model)
     tile_mlp(model, 0)
-    for n in plain_lengths:
-        r = attempt(model, n, rv.plain_loss, opt, dtype, vocab, device)
-        r.update(recipe="adapters, plain loss", config="non-reentrant checkpointing", length=n)
-        res["runs"].append(r)
-        print(r, flush=True)
-        if r["ok"]:
-            res["longest"]["adapters, plain loss"] = n
-        else:
-            break
+    search_lengths(res, model, plain_lengths, rv.plain_loss, opt, dtype, vocab, device, "adapters, plain loss",
+                   "non-reentrant checkpointing")
     write(Path(args.out), res)
 
     first = 0
