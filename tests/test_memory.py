@@ -212,9 +212,15 @@ def test_bad_input_is_refused_with_a_clear_error():
         memory.estimate_training_memory("llama2-8b")
 
 
-def test_cpu_measure_reports_phases_and_agrees_with_the_estimate():
+@pytest.mark.parametrize("method", ["lora", "prefix", "seq_bn"])
+def test_cpu_measure_reports_phases_and_agrees_with_the_estimate(method):
+    """prefix runs under eager attention (add_adapter switches to it), so this also checks the estimate's eager
+    attention terms against a measurement; measured on this machine: lora -0.0 %, prefix -3.9 %, seq_bn -0.0 %."""
     model, _ = models.load_model("tiny", bits=4)
-    methods.add_adapter(model, "lora", "a", gradient_checkpointing=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # prefix tuning: switching attention to eager
+        methods.add_adapter(model, method, "a", gradient_checkpointing=False)
+    assert model.config._attn_implementation == ("eager" if method == "prefix" else "sdpa")
     try:
         result = memory.measure_training_memory(model, batch_size=4, seq_len=128, steps=2)
     finally:
@@ -225,7 +231,7 @@ def test_cpu_measure_reports_phases_and_agrees_with_the_estimate():
     assert result["peak_allocated"] > result["loaded"] > 0
     assert sum(result["breakdown"].values()) == result["peak_allocated"]
     estimate = memory.estimate_training_memory(model_config("tiny"), bits=4, compute_dtype="float32",
-                                               adapter="lora", batch_size=4, seq_len=128,
+                                               adapter=method, batch_size=4, seq_len=128,
                                                gradient_checkpointing=False, device="cpu")
     # different kernels on the CPU (bitsandbytes' CPU backend, CPU SDPA), so only a loose agreement
     assert abs(estimate.total - result["peak_allocated"]) <= 0.15 * result["peak_allocated"]
