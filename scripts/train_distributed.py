@@ -66,6 +66,14 @@ def main(argv=None) -> dict | None:
         # different algorithm, with twice the batch): a single process means a single GPU.
         raise SystemExit("one process on a machine with several GPUs: set CUDA_VISIBLE_DEVICES=0 for a 1-GPU run, "
                          "or use accelerate launch for N processes")
+    fsdp_launch = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if args.fsdp and not torch.cuda.is_available():
+        raise SystemExit("--fsdp (sharded QLoRA) needs CUDA GPUs: accelerate's FSDP does not run on the CPU. "
+                         "On the CPU, train data-parallel instead: accelerate launch --config_file "
+                         "configs/accelerate/ddp.yaml --num_processes 2 scripts/train_distributed.py --out ...")
+    if fsdp_launch and not args.fsdp:
+        raise SystemExit("launched with an FSDP config but without --fsdp: FSDP cannot shard the packed uint8 4-bit "
+                         "weights. Add --fsdp (stores them in bfloat16, as FSDP-QLoRA needs).")
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} must be divisible by the {world} processes")
     if rank == 0 and args.out.exists() and any(args.out.iterdir()):

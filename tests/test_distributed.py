@@ -44,3 +44,15 @@ def test_refuses_to_write_into_a_used_folder(tmp_path):
                           text=True)
     assert done.returncode != 0 and "already holds files; nothing was changed" in done.stderr
     assert (tmp_path / "keep.txt").read_text() == "someone's work"
+
+
+def test_fsdp_misuse_is_refused_before_loading_anything(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no GPU, as in CI
+    done = subprocess.run([sys.executable, str(SCRIPT), "--fsdp", "--out", str(tmp_path / "a")], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "needs CUDA GPUs" in done.stderr and "ddp.yaml" in done.stderr
+    env["ACCELERATE_USE_FSDP"] = "true"  # what accelerate launch sets for configs/accelerate/fsdp_qlora.yaml
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "b")], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "Add --fsdp" in done.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
