@@ -22,6 +22,7 @@ Introduced in notebooks/04_training.ipynb. Needs qadapter_utils.data (tokenizati
 """
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 import time
@@ -95,13 +96,11 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     learning_rate, per_device_train_batch_size, output_dir, ...). output_dir defaults to a new temporary folder.
     An output_dir that already holds checkpoints or adapters raises an error unless resume=True (continue with
     `trainer.train(resume_from_checkpoint=True)`) or overwrite_output_dir=True; save_total_limit defaults to None,
-    so no checkpoint is ever deleted. With eval given, eval_strategy defaults to "steps". packing=True batches
-    without padding (data.make_collator). A StepStats callback records time per step and peak memory; read it
+    so no checkpoint is ever deleted; checkpoints hold the adapters without a copy of the frozen lm_head. With
+    eval given, eval_strategy defaults to "steps". packing=True batches without padding (data.make_collator). A StepStats callback records time per step and peak memory; read it
     with step_stats(trainer). chunked_loss=True computes lm_head and the loss `chunk_size` tokens at a time
     (qadapter_utils.loss), so the full fp32 logits (tokens x vocab x 4 bytes, twice) never exist: what limits the
     sequence length of a 7B model on a 16 GB GPU. (04_training)"""
-    from adapters import AdapterTrainer
-
     if not hasattr(model, "adapters_config") or model.active_adapters is None:
         raise ValueError("the model has no active adapter: add one first, e.g. "
                          "qadapter_utils.methods.add_adapter(model, 'lora') (it also sets it to train)")
@@ -145,16 +144,37 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     train = _as_tokenized(train, tokenizer, max_length)
     eval = _as_tokenized(eval, tokenizer, max_length) if eval is not None else None
     stats = StepStats()
-    trainer = AdapterTrainer(model=model, args=arguments, train_dataset=train, eval_dataset=eval,
+    trainer = _trainer_class()(model=model, args=arguments, train_dataset=train, eval_dataset=eval,
                              data_collator=make_collator(tokenizer, packing=packing), processing_class=tokenizer,
                              callbacks=[stats, *callbacks])
     if chunked_loss:
-        import functools
-
         from qadapter_utils.loss import chunked_compute_loss
 
         trainer.compute_loss = functools.partial(chunked_compute_loss, chunk_size=chunk_size)
     return trainer
+
+
+@functools.cache
+def _trainer_class():
+    """adapters.AdapterTrainer whose checkpoints hold the adapters without a copy of the base's frozen lm_head:
+    AdapterTrainer saves it into every checkpoint of a causal LM (pytorch_model_head.bin, 262 MB for Llama-2-7B
+    in fp16, next to a 33 MB LoRA) and loads it back over the model's own on resume."""
+    from adapters import AdapterTrainer
+
+    from qadapter_utils.methods import _without_head
+
+    class CheckpointAdapterOnlyTrainer(AdapterTrainer):
+        def _save(self, output_dir=None, state_dict=None):
+            save_all = getattr(self.model, "save_all_adapters", None)
+            if save_all is None or not _without_head(save_all):
+                return super()._save(output_dir, state_dict)
+            self.model.save_all_adapters = functools.partial(save_all, with_head=False)  # this call only
+            try:
+                return super()._save(output_dir, state_dict)
+            finally:
+                del self.model.save_all_adapters
+
+    return CheckpointAdapterOnlyTrainer
 
 
 def _as_tokenized(dataset, tokenizer, max_length):
@@ -390,18 +410,19 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
 
 
 def save_trained_adapter(model, name: str, directory: str | Path, overwrite: bool = False) -> Path:
-    """Save adapter `name` alone (config + weights, a few MB even for Llama 2-7B) to `directory` and return it.
-    Refuses (FileExistsError, nothing written) when `directory` already holds files, unless overwrite=True.
-    Load it back with qadapter_utils.methods.load_adapter or model.load_adapter. (04_training)"""
+    """Save adapter `name` alone (config + weights as safetensors, not the base's lm_head: a few MB even for
+    Llama 2-7B) to `directory` with methods.save_adapter and return it. Refuses (FileExistsError, nothing
+    written) when `directory` already holds files, unless overwrite=True. Load it back with
+    qadapter_utils.methods.load_adapter. (04_training)"""
+    from qadapter_utils.methods import save_adapter
+
     directory = Path(directory).expanduser()
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"{directory.name!r} is not empty ({', '.join(sorted(p.name for p in directory.iterdir())[:4])}"
                               f"); nothing was written. Choose another folder or pass overwrite=True.")
     if name not in model.adapters_config:
         raise ValueError(f"the model has no adapter {name!r}; it has {list(model.adapters_config.adapters)}")
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_adapter(str(directory), name, use_safetensors=True)
-    return directory
+    return save_adapter(model, name, directory)
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:

@@ -70,6 +70,8 @@ def test_resume_after_interruption_gives_the_same_adapter(tmp_path):
     _, interrupted, halfway = _run(tmp_path / "resumed", stop=3)
     assert interrupted.state.global_step == 3
     assert [p.name for p in checkpoints(tmp_path / "resumed")] == ["checkpoint-3"]
+    saved = sorted(p.name for p in (tmp_path / "resumed" / "checkpoint-3" / "lora").iterdir())
+    assert saved == ["adapter_config.json", "pytorch_adapter.bin"]  # no copy of the frozen lm_head
     assert any(not torch.equal(halfway[n], expected[n]) for n in expected)  # the comparison can fail
     # the folder now holds a checkpoint: a new trainer refuses it unless told to resume
     model, tok = load_model("tiny", bits=4)
@@ -87,7 +89,8 @@ def test_save_trained_adapter_never_overwrites(tmp_path):
     model, tok = load_model("tiny", bits=4)
     name = add_adapter(model, "lora")
     folder = save_trained_adapter(model, name, tmp_path / "adapter")
-    assert (folder / "adapter_config.json").exists()
+    # the adapter alone: no copy of the frozen lm_head (adapters' own save_adapter adds model_head.safetensors)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
     before = sorted(p.name for p in folder.iterdir())
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_trained_adapter(model, name, folder)
