@@ -110,7 +110,8 @@ def load_model(name: str = "tiny", bits: int | None = None, quant_type: str = "n
     name: "tiny" (embedded, no network); a hub id or local path; or "random:<shape>" with a shape from SHAPES
     (the real architecture with random weights, no download; tokenized with the tiny tokenizer).
     compute_dtype: None picks bf16 on GPUs that support it, fp16 on other GPUs (Colab's T4), fp32 on the CPU.
-    device_map: default the whole model on GPU $LOCAL_RANK (0 outside a distributed launch), else the CPU.
+    device_map: default the whole model on GPU $LOCAL_RANK (0 outside a distributed launch), else the CPU. On one
+    GPU, weights that cannot fit its free memory raise ModelLoadError before anything is downloaded or allocated.
     Non-quantized parts (embeddings, norms, lm_head) are kept in compute_dtype. The model is returned in eval
     mode, as `from_pretrained` returns it: call `model.train()` before a hand-written training loop.
     (00_setup, 02_loading_quantized)
@@ -126,6 +127,12 @@ def load_model(name: str = "tiny", bits: int | None = None, quant_type: str = "n
     quantization_config = bnb_config(bits, quant_type, double_quant, dtype, quant_storage)
     if device_map is None:  # under a distributed launcher each process takes its own GPU
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"}
+    gpu = device_map.get("") if isinstance(device_map, dict) and len(device_map) == 1 else None
+    if isinstance(gpu, int) and torch.cuda.is_available():  # the whole model on one GPU: will its weights fit?
+        from transformers import AutoConfig
+
+        _check_weights_fit(name, AutoConfig.from_pretrained(path), bits, quant_type, double_quant, dtype,
+                           _free_gpu_bytes(gpu), f"GPU {gpu} ({torch.cuda.get_device_name(gpu)})")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config, dtype=dtype,
                                                      device_map=device_map)
@@ -136,6 +143,39 @@ def load_model(name: str = "tiny", bits: int | None = None, quant_type: str = "n
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     model.qadapter_name = name
     return model, tokenizer
+
+
+def _free_gpu_bytes(device: int) -> int:
+    """Bytes a new model can still take on GPU `device`: free memory plus what PyTorch's allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _check_weights_fit(name, config, bits, quant_type, double_quant, dtype, free_bytes: int, where: str) -> None:
+    """Raise ModelLoadError, before anything is downloaded or allocated, when the weights alone (as
+    quant.weight_memory counts them: quantized weights, their constants, 16-bit embeddings/norms/lm_head)
+    exceed `free_bytes`; from_pretrained would otherwise run out of memory halfway through loading."""
+    from qadapter_utils.quant import weight_memory
+
+    def need(b):
+        return weight_memory(config, bits=b, quant_type=quant_type, double_quant=double_quant,
+                             compute_dtype=dtype)["total"]
+
+    needed = need(bits)
+    if needed <= free_bytes:
+        return
+    precision = {None: f"unquantized {str(dtype).removeprefix('torch.')}", 8: "8-bit",
+                 4: f"4-bit {quant_type}{' + double quant' if double_quant else ''}"}[bits]
+    advice = []
+    if bits != 4:
+        fits4 = need(4) <= free_bytes
+        advice.append(f"load it in 4-bit (bits=4: {need(4) / 2**30:.1f} GiB{'' if fits4 else ', still too much'})")
+    advice += ["a smaller model", "several GPUs with the model sharded across them (notebook 06, FSDP)",
+               "if an earlier model is still loaded in this process, free it first (del model; gc.collect(); "
+               "torch.cuda.empty_cache())"]
+    raise ModelLoadError(f"{name!r} in {precision} needs {needed / 2**30:.1f} GiB for its weights alone, but {where} "
+                         f"has {free_bytes / 2**30:.1f} GiB free (training needs more on top: "
+                         f"qadapter_utils.memory.fits). Nothing was loaded. Use " + "; or ".join(advice) + ".")
 
 
 def _check_quant_args(bits, quant_type) -> None:

@@ -109,6 +109,39 @@ def test_random_7b_goes_through_bitsandbytes_config(monkeypatch, tmp_path):
 
 # ---- errors a user will see ---------------------------------------------------------------------------------
 
+GIB = 2**30
+
+
+def test_weights_that_cannot_fit_the_gpu_are_refused_before_loading(monkeypatch, tmp_path):
+    """Llama-2-13B unquantized on a T4 (15 GiB): from_pretrained would run out of memory halfway through loading;
+    load_model refuses first, with the numbers and what to do (here: 4-bit, 6.7 GiB, fits)."""
+    import transformers
+
+    models.model_config("llama2-13b").save_pretrained(tmp_path)  # config only, no weights
+    monkeypatch.setattr(models, "_random_checkpoint", lambda shape, dtype: tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(models, "_free_gpu_bytes", lambda device: int(14.5 * GIB))
+    reached = []
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: reached.append(k) or (_ for _ in ()).throw(RuntimeError("loading")))
+    with pytest.raises(ModelLoadError) as err:
+        load_model("random:llama2-13b", bits=None, compute_dtype="fp16")
+    message = str(err.value)
+    assert "needs 24.2 GiB for its weights alone" in message and "GPU 0 (Tesla T4) has 14.5 GiB free" in message
+    assert "bits=4: 6.7 GiB)" in message and "Nothing was loaded" in message and not reached
+    with pytest.raises(RuntimeError, match="loading"):  # 4-bit fits: the load goes ahead
+        load_model("random:llama2-13b", bits=4, compute_dtype="fp16")
+    assert reached
+
+
+def test_weights_fit_check_suggests_sharding_when_even_4bit_is_too_big():
+    config = models.model_config("llama2-70b")
+    with pytest.raises(ModelLoadError, match=r"bits=4: 33.9 GiB, still too much\).*sharded across them"):
+        models._check_weights_fit("llama2-70b", config, 8, "nf4", True, torch.bfloat16, 24 * GIB, "GPU 0")
+    models._check_weights_fit("llama2-70b", config, 4, "nf4", True, torch.bfloat16, 40 * GIB, "GPU 0")  # fits
+
+
 @pytest.mark.parametrize("bits", [3, 16, "4"])
 def test_unsupported_bits(bits):
     with pytest.raises(ModelLoadError, match=r"bits=.* is not supported: .*bits=4.*bits=8.*bits=None"):
