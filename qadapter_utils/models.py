@@ -168,8 +168,9 @@ def _check_weights_fit(name, config, bits, quant_type, double_quant, dtype, free
                  4: f"4-bit {quant_type}{' + double quant' if double_quant else ''}"}[bits]
     advice = []
     if bits != 4:
-        fits4 = need(4) <= free_bytes
-        advice.append(f"load it in 4-bit (bits=4: {need(4) / 2**30:.1f} GiB{'' if fits4 else ', still too much'})")
+        needed4 = need(4)
+        advice.append(f"load it in 4-bit (bits=4: {needed4 / 2**30:.1f} GiB"
+                      f"{'' if needed4 <= free_bytes else ', still too much'})")
     advice += ["a smaller model", "several GPUs with the model sharded across them (notebook 06, FSDP)",
                "if an earlier model is still loaded in this process, free it first (del model; gc.collect(); "
                "torch.cuda.empty_cache())"]

@@ -97,10 +97,11 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     An output_dir that already holds checkpoints or adapters raises an error unless resume=True (continue with
     `trainer.train(resume_from_checkpoint=True)`) or overwrite_output_dir=True; save_total_limit defaults to None,
     so no checkpoint is ever deleted; checkpoints hold the adapters without a copy of the frozen lm_head. With
-    eval given, eval_strategy defaults to "steps". packing=True batches without padding (data.make_collator). A StepStats callback records time per step and peak memory; read it
-    with step_stats(trainer). chunked_loss=True computes lm_head and the loss `chunk_size` tokens at a time
-    (qadapter_utils.loss), so the full fp32 logits (tokens x vocab x 4 bytes, twice) never exist: what limits the
-    sequence length of a 7B model on a 16 GB GPU. (04_training)"""
+    eval given, eval_strategy defaults to "steps". packing=True batches without padding (data.make_collator). A
+    StepStats callback records time per step and peak memory; read it with step_stats(trainer). chunked_loss=True
+    computes lm_head and the loss `chunk_size` tokens at a time (qadapter_utils.loss), so the full fp32 logits
+    (tokens x vocab x 4 bytes, twice) never exist: what limits the sequence length of a 7B model on a 16 GB GPU.
+    (04_training)"""
     if not hasattr(model, "adapters_config") or model.active_adapters is None:
         raise ValueError("the model has no active adapter: add one first, e.g. "
                          "qadapter_utils.methods.add_adapter(model, 'lora') (it also sets it to train)")
