@@ -102,47 +102,110 @@ def _plain_config(model):
     return config
 
 
+def _merged_tensors(model, adapter_name: str, dtype: torch.dtype | None):
+    """(config of the plain model, dtype, generator of (state-dict key, merged tensor)): every tensor of the plain
+    model, computed from `model` one at a time, so a caller can place or write each before the next exists."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    layers = _check(model, adapter_name)
+    dtype = dtype or model.get_input_embeddings().weight.dtype
+    config = _plain_config(model)
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    old_modules = dict(model.named_modules())
+
+    def tensors():
+        for key in skeleton.state_dict():
+            path, _, leaf = key.rpartition(".")
+            old = old_modules.get(path)
+            if old is None:
+                raise MergeError(f"{key}: no module {path!r} in the adapter model; merge_lora expects the same "
+                                 f"architecture (is this model wrapped by another library?)")
+            if path in layers:
+                weight, bias = merged_weight(old, adapter_name, dtype)
+                yield key, weight if leaf == "weight" else bias
+            elif isinstance(old, torch.nn.Linear) and leaf == "weight":
+                yield key, dequantized_weight(old).to(dtype)   # quantized layers without this adapter, or plain ones
+            else:  # embeddings, norms, lm_head: copied (cloned, so the two models never share storage)
+                source = getattr(old, leaf).detach()
+                yield key, (source.to(dtype) if source.is_floating_point() else source).clone()
+
+    return config, dtype, skeleton, tensors()
+
+
 def merge_lora(model, adapter_name: str, dtype: torch.dtype | None = None, device=None):
     """A new model (same architecture, no adapters, no quantization) whose linear layers hold the dequantized
     base weights of `model` with LoRA (or (IA)^3) adapter `adapter_name` merged in, in `dtype` (default: the
     compute dtype, that of the input embeddings) on `device` (default: where the embeddings are); every other
     weight (embeddings, norms, lm_head) is copied. `model` itself is not modified; its other adapters are not
     part of the result. The result is in eval mode. Raises MergeError for adapters that cannot be merged
-    (bottleneck, prefix, gated, DoRA, VeRA) or were already merged in place. (04_training)"""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    layers = _check(model, adapter_name)
-    embeddings = model.get_input_embeddings().weight
-    dtype = dtype or embeddings.dtype
-    device = torch.device(device) if device is not None else embeddings.device
-    config = _plain_config(model)
-    with init_empty_weights(include_buffers=False):
-        merged = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = {}
-    old_modules = dict(model.named_modules())
-    for key in merged.state_dict():
-        path, _, leaf = key.rpartition(".")
-        old = old_modules.get(path)
-        if old is None:
-            raise MergeError(f"{key}: no module {path!r} in the adapter model; merge_lora expects the same "
-                             f"architecture (is this model wrapped by another library?)")
-        if path in layers:
-            weight, bias = merged_weight(old, adapter_name, dtype)
-            value = weight if leaf == "weight" else bias
-        elif isinstance(old, torch.nn.Linear) and leaf == "weight":
-            value = dequantized_weight(old).to(dtype)   # quantized layers without this adapter, or plain ones
-        else:  # embeddings, norms, lm_head: copied (cloned, so the two models never share storage)
-            source = getattr(old, leaf).detach()
-            value = (source.to(dtype) if source.is_floating_point() else source).clone()
-        state[key] = value.to(device)
-    merged.load_state_dict(state, strict=True, assign=True)
+    (bottleneck, prefix, gated, DoRA, VeRA) or were already merged in place. Needs memory for the whole merged
+    model beside `model`; where that is more than the GPU or RAM holds (Llama-2-7B on a T4 or in Colab's RAM),
+    use save_merged, which writes it to disk a tensor at a time. (04_training)"""
+    device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
+    _, _, merged, tensors = _merged_tensors(model, adapter_name, dtype)
+    merged.load_state_dict({key: value.to(device) for key, value in tensors}, strict=True, assign=True)
     merged.tie_weights()
     merged.to(device)
     if getattr(model, "generation_config", None) is not None:
         merged.generation_config = copy.deepcopy(model.generation_config)
     merged.eval()
     return merged
+
+
+def save_merged(model, adapter_name: str, folder, dtype: torch.dtype | None = None, tokenizer=None,
+                max_shard_bytes: int = 2 * 2**30, overwrite: bool = False):
+    """Write the model merge_lora would return into `folder` as a checkpoint (safetensors shards, config,
+    generation config, and the tokenizer if given) without ever holding the merged model in memory: each tensor
+    is merged, moved to the CPU and written with its shard (at most `max_shard_bytes` of RAM at a time). Load it
+    with `qadapter_utils.models.load_model(folder)` in full precision, or with bits=4/8 to quantize the merged
+    weights again. `model` is not modified. Refuses a folder that already holds files unless overwrite=True.
+    Returns the folder. (04_training)"""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"{folder} already holds files ({', '.join(sorted(p.name for p in folder.iterdir())[:5])}"
+                              f"); nothing was written. Choose another folder, or pass overwrite=True.")
+    config, dtype, _, tensors = _merged_tensors(model, adapter_name, dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    written, shard, size, total = [], {}, 0, 0  # written: (file name, keys) of each shard on disk
+
+    def flush():
+        name = f"part-{len(written):05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        written.append((name, list(shard)))
+
+    for key, value in tensors:
+        if config.tie_word_embeddings and key == "lm_head.weight":
+            continue  # tied to the input embeddings: from_pretrained ties it again
+        value = value.to("cpu").contiguous()
+        nbytes = value.numel() * value.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[key], size, total = value, size + nbytes, total + nbytes
+    if shard:
+        flush()
+    names = (["model.safetensors"] if len(written) == 1 else
+             [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))])
+    for (part, _), name in zip(written, names):
+        (folder / part).rename(folder / name)
+    if len(written) > 1:
+        weight_map = {key: name for (_, keys), name in zip(written, names) for key in keys}
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config.torch_dtype = dtype
+    config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
 
 
 def requantize(merged, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True, folder=None):
