@@ -174,3 +174,23 @@ def dequantized_weight(module: torch.nn.Module, dtype: torch.dtype | None = None
             raise TypeError(f"{type(module).__name__} is not a linear layer: pass an nn.Linear, bitsandbytes "
                             f"Linear4bit or Linear8bitLt module")
     return out.to(dtype) if dtype is not None else out
+
+
+def keep_4bit_layers_trainable(model: torch.nn.Module) -> list[str]:
+    """Make every 4-bit layer of `model` trainable on this CPU and keep it so; return the paths of layers that had
+    been repacked. On CPUs with AVX512-BF16, bitsandbytes 0.50.2 repacks a Linear4bit for inference at its first
+    eval-mode forward (an evaluation during training, a generate), and a repacked layer's forward has no autograd:
+    from then on no gradient reaches anything before it (LoRA on q/v, a prefix), silently. Repacked layers are
+    put back into bitsandbytes' canonical layout with the block scales they computed with (_unpack_cpu_layout),
+    and repacking is switched off for the model's layers. Other CPUs never repack: there this changes nothing.
+    (04_training)"""
+    restored = []
+    for path, module in model.named_modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = _unpack_cpu_layout(module.weight.data, state)
+            restored.append(path)
+    return restored
