@@ -11,7 +11,13 @@ weights kept in fp32 while the base computes in bf16/fp16 (casting at the adapte
 with a frozen embedding, and clear errors, raised before `adapters` fails deep inside, for what does not work on
 a quantized base in adapters 1.3.0 (see `_check_supported`).
 
-Introduced in notebooks/03_adapters_on_quantized.ipynb. Works when copied alone (needs only the pinned libraries).
+What it refuses, before anything of the model changes: adapter names that are also a component of a module path
+("weight", "q_proj", "lora_A": adapters matches names against every component and would treat base weights as the
+adapter's), out-of-range sizes (r, alpha, dropout, reduction_factor, prefix_length), saving over saved work, loading
+over an adapter of the same name, and adapter files that are truncated, hold non-finite values or do not match
+their config.
+
+Introduced in notebooks/03_adapters_on_quantized.ipynb. Needs qadapter_utils.guards (error types, folder checks).
 """
 from __future__ import annotations
 
@@ -44,6 +50,8 @@ from adapters import (
     VeraConfig,
 )
 from adapters.configuration.adapter_config import AdapterConfig, BnConfig
+
+from qadapter_utils.guards import IntegrityError, UsageError, check_number, folder_written_atomically
 
 # Preset name -> (factory of a fresh adapters config, one line: what it is and where it attaches on Llama/Mistral).
 # Where adapters 1.3.0 wraps Llama's linear layers: LoRA-type methods can target q_proj, k_proj, v_proj
@@ -102,8 +110,18 @@ PRESETS: dict[str, Callable[[], AdapterConfig]] = {name: factory for name, (fact
 DESCRIPTIONS: dict[str, str] = {name: text for name, (_, text) in _PRESETS.items()}
 
 
-class AdapterMethodError(ValueError):
+class AdapterMethodError(UsageError):
     """Raised (before `adapters` fails deep inside) with a message saying what to use instead."""
+
+
+#: Module and parameter names `adapters` 1.3.0 creates inside a model: an adapter may not be named like them.
+ADAPTERS_INTERNAL_NAMES = frozenset({
+    "F", "G", "W_left", "W_right", "adapter_down", "adapter_fusion_layer", "adapter_up", "adapters",
+    "attention_adapters", "b", "base", "bias", "control_trans", "dropout", "f", "gate", "invertible_adapters",
+    "learned_source", "lora_A", "lora_B", "loras", "non_linearity", "original", "output_adapters", "parametrizations",
+    "phm_rule", "pool", "prefix_gates", "prefix_tuning", "prefix_tunings", "projection", "reft_layer", "refts",
+    "self_prefix", "shared_parameters", "units", "vera_B", "vera_D", "wte", "weight", "heads", "adapter_fusion_layers",
+})
 
 
 def adapter_config(method: str | AdapterConfig, **overrides) -> AdapterConfig:
@@ -122,7 +140,42 @@ def adapter_config(method: str | AdapterConfig, **overrides) -> AdapterConfig:
     else:
         raise AdapterMethodError(f"method must be a preset name ({', '.join(PRESETS)}) or an `adapters` config "
                                  f"object, got {type(method).__name__}")
-    return _apply_overrides(config, overrides) if overrides else config
+    config = _apply_overrides(config, overrides) if overrides else config
+    check_config_values(config)
+    return config
+
+
+def check_config_values(config: AdapterConfig) -> None:
+    """Raise AdapterMethodError for sizes adapters 1.3.0 would fail on deep inside (ZeroDivisionError, TypeError)
+    or accept and then train nothing: r, alpha, dropout, reduction_factor, prefix_length, bottleneck_size.
+    (03_adapters_on_quantized)"""
+    try:
+        for part in _components(config):
+            _check_part(part)
+    except UsageError as err:
+        raise AdapterMethodError(str(err)) from None
+
+
+def _check_part(part: AdapterConfig) -> None:
+    name = type(part).__name__
+    if isinstance(part, LoRAConfig):
+        check_number(f"{name} r", part.r, low=1, integer=True, hint="the rank of the update, e.g. r=8")
+        check_number(f"{name} alpha", part.alpha, low=0, low_open=True,
+                     hint="the update is scaled by alpha/r; alpha=0 would train nothing. Use e.g. alpha=2*r")
+    if isinstance(part, BnConfig):
+        factors = part.reduction_factor
+        for layer, factor in (factors.items() if isinstance(factors, dict) else [("", factors)]):
+            check_number(f"{name} reduction_factor{f'[{layer!r}]' if layer else ''}", factor, low=0, low_open=True,
+                         hint="hidden size / bottleneck size, e.g. 16")
+    if isinstance(part, PrefixTuningConfig):
+        check_number(f"{name} prefix_length", part.prefix_length, low=1, integer=True,
+                     hint="the number of trained key/value positions, e.g. 30; 0 would train nothing")
+        check_number(f"{name} bottleneck_size", part.bottleneck_size, low=1, integer=True, hint="e.g. 512")
+    if hasattr(part, "r") and not isinstance(part, LoRAConfig):  # ReFT: the intervention's rank
+        check_number(f"{name} r", part.r, low=1, integer=True, hint="e.g. r=1")
+    if hasattr(part, "dropout"):
+        check_number(f"{name} dropout", part.dropout, low=0, high=1, high_open=True,
+                     hint="a probability, e.g. 0.0 or 0.05")
 
 
 def _fields(config: AdapterConfig) -> set[str]:
@@ -354,21 +407,50 @@ def add_adapter(model, method: str | AdapterConfig, name: str | None = None, *, 
     if name is None:
         name = method.strip().lower().replace("-", "_") if isinstance(method, str) else type(config).__name__
         name = re.sub(r"[^\w]", "_", name)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w\-]*", name):
-        raise AdapterMethodError(f"adapter name {name!r} is not usable: use letters, digits, '_' or '-' (no dots)")
+    check_adapter_name(model, name)
     _check_supported(model, config)
-    _init(model)
-    if name in model.adapters_config:
+    if name in getattr(model, "adapters_config", ()):
         raise AdapterMethodError(f"the model already has an adapter named {name!r}: pass another name=..., or "
                                  f"remove it first with model.delete_adapter({name!r})")
+    _init(model)
     if any(isinstance(part, PrefixTuningConfig) for part in _components(config)):
         _prefix_needs_eager_attention(model)
-    model.add_adapter(name, config=config)
-    model.train_adapter(name)
-    model.train()  # train_adapter sets only the inner model to train mode; the Trainer and checks read the top
-    _place(model, name, adapter_dtype)
+    try:
+        model.add_adapter(name, config=config)
+        model.train_adapter(name)
+        model.train()  # train_adapter sets only the inner model to train mode; the Trainer and checks read the top
+        _place(model, name, adapter_dtype)
+    except Exception:  # adapters failed midway: leave no half-added adapter registered under the name
+        if name in model.adapters_config:
+            model.delete_adapter(name)
+        raise
     _gradient_checkpointing(model, gradient_checkpointing)
     return name
+
+
+def check_adapter_name(model, name) -> None:
+    """Raise AdapterMethodError unless `name` can name an adapter of `model`: letters, digits, '_' or '-', and
+    not a component of any module or parameter path of the model nor a name adapters uses inside it ("weight",
+    "bias", "q_proj", "lora_A", ...): adapters 1.3.0 matches an adapter's name against every path component, so
+    such a name would make it treat the base's own weights as the adapter's. (03_adapters_on_quantized)"""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w\-]*", name):
+        raise AdapterMethodError(f"adapter name {name!r} is not usable: use letters, digits, '_' or '-' (no dots), "
+                                 f"starting with a letter, e.g. 'my_lora'")
+    adapters_now = set(getattr(getattr(model, "adapters_config", None), "adapters", {}) or {})
+    taken = ADAPTERS_INTERNAL_NAMES | {part for path, _ in model.named_modules() for part in path.split(".")}
+    taken |= {part for path, _ in model.named_parameters() for part in path.split(".")}
+    if name in taken - adapters_now:
+        raise AdapterMethodError(f"adapter name {name!r} is also the name of a module or weight inside the model "
+                                 f"(e.g. {_path_with(model, name)}); adapters would treat those as the adapter's "
+                                 f"and break the base model. Pick a name that names the task, e.g. "
+                                 f"'{name}_adapter' or 'my_task'.")
+
+
+def _path_with(model, name: str) -> str:
+    for path, _ in [*model.named_parameters(), *model.named_modules()]:
+        if name in path.split("."):
+            return path
+    return f"adapters' internal {name!r}"
 
 
 def _prefix_needs_eager_attention(model) -> None:
@@ -434,20 +516,25 @@ def remove_input_require_grads_hooks(model) -> None:
         del model._require_grads_hook
 
 
-def save_adapter(model, name: str, directory: str | Path) -> Path:
+def save_adapter(model, name: str, directory: str | Path, overwrite: bool = False) -> Path:
     """Save adapter `name` alone (its config and weights as safetensors, not the base's lm_head) to `directory`;
-    return the folder. (03_adapters_on_quantized)"""
+    return the folder. The files are written into a sibling folder that is renamed into place at the end, so a
+    kill mid-save never leaves a half-written adapter. A non-empty `directory` raises guards.SavedWorkError
+    (nothing written) unless overwrite=True, which replaces it when it holds only saved work.
+    (03_adapters_on_quantized)"""
     import adapters.loading
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    original = adapters.loading.save_file
-    adapters.loading.save_file = _save_file_once_per_tensor  # prefix tuning shares one pool across layers
-    try:
-        model.save_adapter(str(directory), name, use_safetensors=True, **_without_head(model.save_adapter))
-    finally:
-        adapters.loading.save_file = original
-    return directory
+    if name not in getattr(model, "adapters_config", ()):
+        have = list(getattr(getattr(model, "adapters_config", None), "adapters", {}) or [])
+        raise AdapterMethodError(f"the model has no adapter {name!r}; it has {have}: pass one of those names")
+    with folder_written_atomically(directory, overwrite=overwrite) as tmp:
+        original = adapters.loading.save_file
+        adapters.loading.save_file = _save_file_once_per_tensor  # prefix tuning shares one pool across layers
+        try:
+            model.save_adapter(str(tmp), name, use_safetensors=True, **_without_head(model.save_adapter))
+        finally:
+            adapters.loading.save_file = original
+    return Path(directory).expanduser()
 
 
 def _without_head(method) -> dict:
@@ -475,25 +562,41 @@ def _save_file_once_per_tensor(tensors: dict, filename: str, metadata=None) -> N
 
 
 def load_adapter(model, directory: str | Path, name: str | None = None, train: bool = False,
-                 adapter_dtype="auto") -> str:
+                 adapter_dtype="auto", overwrite: bool = False) -> str:
     """Load an adapter saved by `save_adapter` into `model` (calls `adapters.init` when needed), activate it,
     place it like add_adapter does and return its name; train=True also sets it to train.
+
+    Checked before the model changes: the config is readable and its sizes valid, the name is usable, the weights
+    file is complete and every value finite (guards.IntegrityError naming the file otherwise); an adapter of the
+    same name already in the model is refused unless overwrite=True. Checked while loading: every tensor the
+    config implies is in the file and the file holds no other (a config naming another architecture or other
+    target matrices); on a mismatch the adapter is removed again and IntegrityError raised.
     (03_adapters_on_quantized)"""
     directory = Path(directory)
-    if not (directory / "adapter_config.json").exists():
+    config_file = directory / "adapter_config.json"
+    if not config_file.exists():
         raise AdapterMethodError(f"{directory.name!r} holds no adapter_config.json: pass the folder written by "
                                  f"save_adapter(model, name, folder)")
-    _init(model)
-    import json
-
-    saved = json.loads((directory / "adapter_config.json").read_text())
-    config = AdapterConfig.load(saved["config"])
+    saved, config = _read_adapter_config(config_file)
+    name = name if name is not None else saved.get("name")
+    check_adapter_name(model, name)
+    replacing = name in getattr(model, "adapters_config", ())
+    if replacing and not overwrite:
+        raise AdapterMethodError(f"the model already has an adapter named {name!r}; loading would replace its "
+                                 f"weights. Pass name='other_name' to load it beside, or overwrite=True to replace.")
     _check_supported(model, config)
+    read_adapter_weights(directory)
+    _init(model)
     if any(isinstance(part, PrefixTuningConfig) for part in _components(config)):
         _prefix_needs_eager_attention(model)
     training = model.training
-    name = model.load_adapter(str(directory), load_as=name, set_active=True, use_safetensors=True,
-                              **_without_head(model.load_adapter))
+    if replacing:  # prove the files load cleanly beside the old adapter before removing it
+        probe = f"{name}_qadapter_check"
+        _load_checked(model, directory, probe)
+        model.delete_adapter(probe)
+        model.delete_adapter(name)
+    _load_checked(model, directory, name)
+    model.set_active_adapters(name)
     if train:
         model.train_adapter(name)
         model.train()
@@ -501,6 +604,92 @@ def load_adapter(model, directory: str | Path, name: str | None = None, train: b
         model.train(training)  # new adapter modules are created in train mode: follow the model's mode
     _place(model, name, adapter_dtype)
     return name
+
+
+def _read_adapter_config(config_file: Path) -> tuple[dict, AdapterConfig]:
+    import json
+
+    try:
+        saved = json.loads(config_file.read_text())
+        config = AdapterConfig.load(saved["config"])
+    except Exception as err:
+        raise IntegrityError(f"{config_file.parent.name}/{config_file.name} is not a readable adapter config "
+                             f"({type(err).__name__}: {err}): save the adapter again with save_adapter") from None
+    try:
+        check_config_values(config)
+    except AdapterMethodError as err:
+        raise IntegrityError(f"{config_file.parent.name}/{config_file.name}: {err}") from None
+    return saved, config
+
+
+#: Weight files save_adapter and the Trainer's checkpoints write, in the order adapters reads them.
+ADAPTER_WEIGHT_FILES = ("adapter.safetensors", "pytorch_adapter.bin")
+
+
+def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved adapter (adapter.safetensors, else pytorch_adapter.bin), checked: the file exists
+    and is complete, and every value is finite. Raises guards.IntegrityError naming the file.
+    (03_adapters_on_quantized)"""
+    directory = Path(directory)
+    file = next((directory / f for f in ADAPTER_WEIGHT_FILES if (directory / f).exists()), None)
+    where = lambda f: f"{directory.name}/{f}"  # noqa: E731
+    if file is None:
+        raise IntegrityError(f"{directory.name!r} holds no adapter weights ({' or '.join(ADAPTER_WEIGHT_FILES)}): "
+                             f"the save was interrupted or the folder is not an adapter; save it again")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(file), device="cpu")
+        else:
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise IntegrityError(f"{where(file.name)} cannot be read ({type(err).__name__}: {err}); it is probably "
+                             f"truncated by an interrupted save or copy: save the adapter again") from None
+    bad = [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise IntegrityError(f"{where(file.name)} holds non-finite values (NaN or inf) in {len(bad)} tensors "
+                             f"(e.g. {bad[0]}): the training that wrote it diverged; lower the learning rate "
+                             f"and train again, or load an earlier checkpoint")
+    return tensors
+
+
+def _load_checked(model, directory: Path, name: str) -> None:
+    """model.load_adapter(directory, load_as=name), then compare what adapters reports: every tensor of the new
+    adapter must come from the file and every tensor of the file must land in the adapter; else remove it."""
+    info: dict = {}
+    model.load_adapter(str(directory), load_as=name, set_active=False, use_safetensors=True, loading_info=info,
+                       **_without_head(model.load_adapter))
+    missing = _really_missing(model, info.get("missing_keys", []))
+    unexpected = list(info.get("unexpected_keys", []))
+    if missing or unexpected:
+        model.delete_adapter(name)
+        what = ([f"{len(missing)} tensors the config implies are not in the file (e.g. {missing[0]})"] if missing
+                else []) + ([f"{len(unexpected)} tensors of the file fit nowhere (e.g. {unexpected[0]})"]
+                            if unexpected else [])
+        raise IntegrityError(f"{directory.name}/adapter_config.json does not match the saved weights: "
+                             f"{'; '.join(what)}. The config was edited or the files come from different saves: "
+                             f"save the adapter again. Nothing was loaded.")
+
+
+def _really_missing(model, missing: list[str]) -> list[str]:
+    """Missing keys less those sharing storage with a loaded one (save_adapter stores a shared prefix pool
+    once, under its first name)."""
+    if not missing:
+        return []
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    storage = lambda key: named.get(key, named.get(key[len(prefix):] if key.startswith(prefix) else prefix + key))
+    counts: dict[int, int] = {}
+    for tensor in named.values():
+        counts[tensor.untyped_storage().data_ptr()] = counts.get(tensor.untyped_storage().data_ptr(), 0) + 1
+    out = []
+    for key in missing:
+        tensor = storage(key)
+        if tensor is None or counts.get(tensor.untyped_storage().data_ptr(), 0) < 2:
+            out.append(key)
+    return out
 
 
 def _logical_numel(param: torch.Tensor) -> int:

@@ -113,7 +113,8 @@ def load_model(name: str = "tiny", bits: int | None = None, quant_type: str = "n
     device_map: default the whole model on GPU $LOCAL_RANK (0 outside a distributed launch), else the CPU. On one
     GPU, weights that cannot fit its free memory raise ModelLoadError before anything is downloaded or allocated.
     Non-quantized parts (embeddings, norms, lm_head) are kept in compute_dtype. The model is returned in eval
-    mode, as `from_pretrained` returns it: call `model.train()` before a hand-written training loop.
+    mode, as `from_pretrained` returns it: call `model.train()` before a hand-written training loop. A truncated
+    or unreadable weights file raises ModelLoadError naming it.
     (00_setup, 02_loading_quantized)
     """
     _check_quant_args(bits, quant_type)
@@ -139,10 +140,22 @@ def load_model(name: str = "tiny", bits: int | None = None, quant_type: str = "n
         tokenizer = AutoTokenizer.from_pretrained(TINY_DIR if name.startswith("random:") else path)
     except OSError as err:  # config resolved, but weights or tokenizer could not be fetched
         raise _hub_error(name, err) from err
+    except Exception as err:
+        if "safetensor" in type(err).__name__.lower() or "header" in str(err).lower():
+            raise _unreadable_weights(name, path, err) from err
+        raise
     if tokenizer.pad_token is None:  # Llama 2 has no padding token; <unk> is the usual stand-in
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     model.qadapter_name = name
     return model, tokenizer
+
+
+def _unreadable_weights(name: str, path, err: Exception) -> ModelLoadError:
+    folder = Path(str(path))
+    files = sorted(p.name for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+    where = f" ({', '.join(files)} in {folder.name}/)" if files else ""
+    return ModelLoadError(f"{name!r}: a weights file{where} could not be read ({type(err).__name__}: {err}). It is "
+                          f"probably truncated by an interrupted download, copy or save: fetch or save it again.")
 
 
 def _free_gpu_bytes(device: int) -> int:
