@@ -16,13 +16,21 @@ Packing (padding-free batches) is on by default; see qadapter_utils.data.make_co
 
 What this module writes by hand, because no library does it: the exact-match task accuracy (teacher-forced, one
 forward pass per batch; equivalent to greedy generation followed by end-of-sequence), the step timer and memory
-callback, and the guard that refuses to write into a folder holding someone's earlier checkpoints.
+callback, and the guards: a run's identity (model, adapters, data, the arguments that shape training) is recorded
+in its output folder (qadapter_run.json), and no call writes over or resumes another run's checkpoints, even with
+overwrite_output_dir=True; a checkpoint torn by a kill during its write is named when resuming; a max_length that
+would cut answers (their end-of-sequence token) or drop rows, and a budget that would not train as asked
+(max_steps=0, a non-finite learning rate) are refused before anything runs.
 
-Introduced in notebooks/04_training.ipynb. Needs qadapter_utils.data (tokenization, collators).
+Introduced in notebooks/04_training.ipynb. Needs qadapter_utils.data (tokenization, collators), qadapter_utils.guards
+(errors, folder checks), qadapter_utils.methods (saving adapters) and qadapter_utils.weights (4-bit layers kept
+trainable on CPUs where bitsandbytes repacks them for inference).
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import tempfile
 import time
@@ -33,6 +41,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from qadapter_utils.data import IGNORE_INDEX, make_collator, tokenize_dataset
+from qadapter_utils.guards import IntegrityError, SavedWorkError, UsageError, check_number, describe, saved_work
 
 # ---------------------------------------------------------------------------------------------------------------
 # the trainer
@@ -75,14 +84,95 @@ def default_arguments(model=None, device: str | None = None, compute_dtype: torc
     return args
 
 
-def _existing_work(folder: Path) -> list[str]:
-    """Names in `folder` that look like saved training work (checkpoints, adapters, weights)."""
-    if not folder.is_dir():
-        return []
-    marks = ("checkpoint-", "adapter_config.json", "pytorch_adapter", "adapter_model", "model.safetensors",
-             "trainer_state.json")
-    return sorted(p.name for p in folder.iterdir() if any(p.name.startswith(m) for m in marks)
-                  or (p.is_dir() and (p / "adapter_config.json").exists()))
+RUN_FILE = "qadapter_run.json"
+#: TrainingArguments that shape the trajectory of a run (logging, saving and evaluation settings do not).
+TRAJECTORY_ARGUMENTS = ("max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
+                        "gradient_accumulation_steps", "seed", "data_seed", "lr_scheduler_type", "warmup_steps",
+                        "warmup_ratio", "weight_decay", "optim", "max_grad_norm", "bf16", "fp16")
+
+
+def run_identity(model, train, arguments: TrainingArguments, packing: bool) -> dict:
+    """What makes two runs the same run: the base model (name, class, quantization), the adapters (configs, the
+    active setup), a hash of the tokenized training rows, packing and TRAJECTORY_ARGUMENTS. Resuming needs equal
+    identities; logging, saving and evaluation settings may differ. (04_training)"""
+    configs = {n: model.adapters_config.get(n) for n in model.adapters_config.adapters}
+    quant = getattr(model.config, "quantization_config", None)
+    digest = hashlib.sha256()
+    for row in train:
+        digest.update(json.dumps([list(row["input_ids"]), list(row["labels"])]).encode())
+    return json.loads(json.dumps({
+        "model": {"name": Path(str(getattr(model.config, "_name_or_path", ""))).name,
+                  "class": type(model).__name__,
+                  "quantization": quant.to_dict() if hasattr(quant, "to_dict") else quant},
+        "adapters": {"active": str(model.active_adapters), "configs": configs},
+        "data": {"rows": len(train), "sha256": digest.hexdigest()}, "packing": packing,
+        "training": {k: getattr(arguments, k) for k in TRAJECTORY_ARGUMENTS}}, default=str, sort_keys=True))
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}: {str(x)[:40]} there, {str(y)[:40]} now")
+    return out
+
+
+def _recorded_identity(folder: Path) -> dict | None:
+    file = folder / RUN_FILE
+    try:
+        return json.loads(file.read_text())["identity"] if file.exists() else None
+    except (ValueError, KeyError):
+        return None
+
+
+def _claim_output_dir(folder: Path, identity: dict, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder holding another run's work (or unknown work) unless it is this run's and resume or
+    overwrite was asked for; then record this run's identity in it. Nothing is written when refusing."""
+    found = [n for n in saved_work(folder) if n != RUN_FILE]
+    recorded = _recorded_identity(folder)
+    if found:
+        if recorded is None:
+            raise SavedWorkError(
+                f"output_dir {folder.name!r} already holds saved work ({describe(found)}) that make_trainer did not "
+                f"record (no {RUN_FILE}), so it may be another run's; nothing was changed. Choose another "
+                f"output_dir{'' if (resume or overwrite) else ' (pass resume=True to continue a run of make_trainer)'}"
+                f", or pass a checkpoint explicitly: trainer.train(resume_from_checkpoint=path).")
+        differences = _differences(recorded, identity)
+        if differences:
+            raise SavedWorkError(
+                f"output_dir {folder.name!r} holds another run's checkpoints ({describe(found)}), which neither "
+                f"resume=True nor overwrite_output_dir=True may continue or replace; nothing was changed. That run "
+                f"differs in {describe(differences, 3)}. Choose another output_dir for this run.")
+        if not (resume or overwrite):
+            raise SavedWorkError(
+                f"output_dir {folder.name!r} already holds saved work ({describe(found)}); nothing was changed. "
+                f"Pass resume=True and call trainer.train(resume_from_checkpoint=True) to continue it, choose "
+                f"another output_dir, or pass overwrite_output_dir=True to write next to it (old checkpoints are "
+                f"still never deleted unless you set save_total_limit).")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{RUN_FILE}.writing"
+    tmp.write_text(json.dumps({"identity": identity}, indent=1))
+    tmp.replace(folder / RUN_FILE)
+
+
+def _check_budget(args: dict, max_length) -> None:
+    """Refuse arguments that would silently train other than asked."""
+    if max_length is not None:
+        check_number("max_length", max_length, low=1, integer=True,
+                     hint="tokens per example, or None to keep every example whole")
+    epochs = args.get("num_train_epochs")
+    if args["max_steps"] != -1 or epochs is None:
+        check_number("max_steps", args["max_steps"], low=1, integer=True,
+                     hint="optimizer steps (or max_steps=-1 with num_train_epochs=... to train for epochs)")
+    if args["max_steps"] == -1:
+        check_number("num_train_epochs", epochs, low=0, low_open=True, hint="e.g. num_train_epochs=3")
+    check_number("learning_rate", args["learning_rate"], low=0, low_open=True,
+                 hint="a positive finite number, e.g. 2e-4 for LoRA on Llama-2-7B")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        check_number(key, args.get(key, 1), low=1, integer=True, hint="a whole number of examples/steps, e.g. 8")
 
 
 def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, max_length: int | None = 256,
@@ -94,9 +184,14 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
 
     Defaults come from default_arguments (per device); `overrides` go to TrainingArguments (max_steps,
     learning_rate, per_device_train_batch_size, output_dir, ...). output_dir defaults to a new temporary folder.
-    An output_dir that already holds checkpoints or adapters raises an error unless resume=True (continue with
-    `trainer.train(resume_from_checkpoint=True)`) or overwrite_output_dir=True; save_total_limit defaults to None,
-    so no checkpoint is ever deleted; checkpoints hold the adapters without a copy of the frozen lm_head. With
+    An output_dir that already holds saved work (checkpoints, adapters, weights, a tokenizer) raises
+    guards.SavedWorkError unless it is this run's (same run_identity, recorded in qadapter_run.json) and
+    resume=True (continue with `trainer.train(resume_from_checkpoint=True)`) or overwrite_output_dir=True;
+    another run's checkpoints are never continued or replaced. save_total_limit defaults to None, so no checkpoint
+    is ever deleted; checkpoints hold the adapters without a copy of the frozen lm_head. Raw rows are tokenized
+    with `max_length`; one that would cut an answer or drop a row raises guards.UsageError naming the smallest
+    max_length that keeps every row (tokenize with data.tokenize_dataset yourself to truncate on purpose).
+    max_steps, learning_rate and batch sizes are checked before anything runs. With
     eval given, eval_strategy defaults to "steps". packing=True batches without padding (data.make_collator). A
     StepStats callback records time per step and peak memory; read it with step_stats(trainer). chunked_loss=True
     computes lm_head and the loss `chunk_size` tokens at a time (qadapter_utils.loss), so the full fp32 logits
@@ -119,35 +214,35 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     if "num_train_epochs" in overrides and "max_steps" not in overrides:
         args["max_steps"] = -1   # train for epochs: max_steps > 0 would override them
     args.update(overrides)
+    _check_budget(args, max_length)
     if "warmup_steps" not in overrides and "warmup_ratio" not in overrides:  # 5% linear warmup
         if args["max_steps"] > 0:
             args["warmup_steps"] = max(1, int(args["max_steps"]) // 20)
         else:
             args["warmup_ratio"] = 0.05
-    if user_dir is None:
+    output_dir = Path(user_dir).expanduser() if user_dir is not None else None
+    if output_dir is not None and saved_work(output_dir) and _recorded_identity(output_dir) is None:
+        _claim_output_dir(output_dir, {}, resume, overwrite)  # unknown work: refused before tokenizing anything
+    train = _as_tokenized(train, tokenizer, max_length)
+    eval = _as_tokenized(eval, tokenizer, max_length) if eval is not None else None
+    if output_dir is None:
         output_dir = Path(tempfile.mkdtemp(prefix="qadapter-run-"))
-    else:
-        output_dir = Path(user_dir).expanduser()
-        found = _existing_work(output_dir)
-        if found and not (resume or overwrite):
-            raise FileExistsError(
-                f"output_dir {output_dir.name!r} already holds saved work ({', '.join(found[:4])}"
-                f"{', ...' if len(found) > 4 else ''}); nothing was changed. Pass resume=True and call "
-                f"trainer.train(resume_from_checkpoint=True) to continue it, choose another output_dir, or pass "
-                f"overwrite_output_dir=True to write next to it (old checkpoints are still never deleted unless "
-                f"you set save_total_limit).")
     arguments = TrainingArguments(output_dir=str(output_dir), **args)
+    identity = run_identity(model, train, arguments, packing)
+    _claim_output_dir(output_dir, identity, resume, overwrite)
 
+    from qadapter_utils.weights import keep_4bit_layers_trainable
+
+    keep_4bit_layers_trainable(model)  # evaluations during training must not cut the gradient (AVX512-BF16 CPUs)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id   # what the Trainer would do, with a log line each time
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
-    train = _as_tokenized(train, tokenizer, max_length)
-    eval = _as_tokenized(eval, tokenizer, max_length) if eval is not None else None
     stats = StepStats()
     trainer = _trainer_class()(model=model, args=arguments, train_dataset=train, eval_dataset=eval,
                              data_collator=make_collator(tokenizer, packing=packing), processing_class=tokenizer,
                              callbacks=[stats, *callbacks])
+    trainer.qadapter_identity = identity
     if chunked_loss:
         from qadapter_utils.loss import chunked_compute_loss
 
@@ -165,6 +260,14 @@ def _trainer_class():
     from qadapter_utils.methods import _without_head
 
     class CheckpointAdapterOnlyTrainer(AdapterTrainer):
+        def train(self, resume_from_checkpoint=None, **kwargs):
+            if resume_from_checkpoint:  # True (the latest in output_dir) or a path
+                checkpoint = _checkpoint_to_resume(self.args.output_dir, resume_from_checkpoint)
+                if checkpoint is not None:
+                    _check_resumable(checkpoint, getattr(self, "qadapter_identity", None))
+                    resume_from_checkpoint = str(checkpoint)
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
         def _save(self, output_dir=None, state_dict=None):
             save_all = getattr(self.model, "save_all_adapters", None)
             if save_all is None or not _without_head(save_all):
@@ -178,7 +281,46 @@ def _trainer_class():
     return CheckpointAdapterOnlyTrainer
 
 
+def _checkpoint_to_resume(output_dir, resume_from_checkpoint) -> Path | None:
+    if resume_from_checkpoint is True:
+        found = checkpoints(output_dir)
+        return found[-1] if found else None  # none: the Trainer's own error says so
+    return Path(resume_from_checkpoint).expanduser()
+
+
+def _check_resumable(checkpoint: Path, identity: dict | None) -> None:
+    """Refuse a checkpoint of another run (its folder's qadapter_run.json differs) or one torn by a kill during
+    its write (trainer_state.json, written last, missing or unreadable), naming it."""
+    recorded = _recorded_identity(checkpoint.parent)
+    if identity is not None and recorded is not None and _differences(recorded, identity):
+        raise SavedWorkError(f"{checkpoint.parent.name}/{checkpoint.name} belongs to another run (it differs in "
+                             f"{describe(_differences(recorded, identity), 3)}); resuming would continue that run "
+                             f"with this one's settings. Resume with the settings it was started with, or start "
+                             f"this run without resume_from_checkpoint.")
+    state = checkpoint / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        earlier = [c for c in checkpoints(checkpoint.parent) if c != checkpoint and _complete(c)]
+        hint = (f"trainer.train(resume_from_checkpoint={str(earlier[-1])!r})" if earlier else
+                "train from the start")
+        raise IntegrityError(f"checkpoint {checkpoint.parent.name}/{checkpoint.name} is torn: its write was "
+                             f"interrupted (trainer_state.json, written last, is missing or incomplete). Resume "
+                             f"from the last complete one: {hint}; move the torn folder aside first if you resume "
+                             f"with resume_from_checkpoint=True (nothing is deleted for you).") from None
+
+
+def _complete(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def _as_tokenized(dataset, tokenizer, max_length):
+    """Rows tokenized with the prompt masked (rows already holding input_ids and labels are kept as they are).
+    Refuses a max_length that would cut an answer's end or drop a row, naming the smallest that keeps all."""
     if dataset is None:
         return None
     if len(dataset) == 0:
@@ -186,7 +328,19 @@ def _as_tokenized(dataset, tokenizer, max_length):
     first = dataset[0]
     if "input_ids" in first and "labels" in first:
         return dataset
-    return tokenize_dataset(dataset, tokenizer, max_length=max_length)
+    if max_length is not None:
+        check_number("max_length", max_length, low=1, integer=True,
+                     hint="tokens per example, or None to keep every example whole")
+    tokenized, stats = tokenize_dataset(dataset, tokenizer, max_length=max_length, return_stats=True)
+    if stats.truncated or stats.dropped:
+        longest = tokenize_dataset(dataset, tokenizer, max_length=None, return_stats=True)[1].longest
+        raise UsageError(f"max_length={max_length} would cut {stats.truncated} of {stats.examples} rows (their "
+                         f"answer loses its end-of-sequence token, so the model would not learn to stop) and drop "
+                         f"{stats.dropped} (no answer token left): pass max_length={longest} or more (the longest "
+                         f"row), or to truncate on purpose tokenize the rows yourself with "
+                         f"qadapter_utils.data.tokenize_dataset(rows, tokenizer, max_length={max_length}, "
+                         f"verbose=True) and pass the result.")
+    return tokenized
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,18 +566,15 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
 
 def save_trained_adapter(model, name: str, directory: str | Path, overwrite: bool = False) -> Path:
     """Save adapter `name` alone (config + weights as safetensors, not the base's lm_head: a few MB even for
-    Llama 2-7B) to `directory` with methods.save_adapter and return it. Refuses (FileExistsError, nothing
-    written) when `directory` already holds files, unless overwrite=True. Load it back with
-    qadapter_utils.methods.load_adapter. (04_training)"""
+    Llama 2-7B) to `directory` with methods.save_adapter (written beside, then renamed into place) and return it.
+    Refuses (guards.SavedWorkError, a FileExistsError; nothing written) when `directory` already holds files,
+    unless overwrite=True. Load it back with qadapter_utils.methods.load_adapter. (04_training)"""
     from qadapter_utils.methods import save_adapter
 
-    directory = Path(directory).expanduser()
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"{directory.name!r} is not empty ({', '.join(sorted(p.name for p in directory.iterdir())[:4])}"
-                              f"); nothing was written. Choose another folder or pass overwrite=True.")
-    if name not in model.adapters_config:
-        raise ValueError(f"the model has no adapter {name!r}; it has {list(model.adapters_config.adapters)}")
-    return save_adapter(model, name, directory)
+    if name not in getattr(model, "adapters_config", ()):
+        have = list(getattr(getattr(model, "adapters_config", None), "adapters", {}) or [])
+        raise ValueError(f"the model has no adapter {name!r}; it has {have}")
+    return save_adapter(model, name, directory, overwrite=overwrite)
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
