@@ -1052,6 +1052,7 @@ def fits(config="llama2-7b", gpu="T4", *, safety_margin: float = SAFETY_MARGIN, 
     fragmentation) plus the CUDA context (CUDA_CONTEXT_GIB) must not exceed the GPU's memory. Returns a
     FitReport (truthy when it fits) whose reason names the largest terms and, when it does not fit, changes that
     would (checkpointing, 4-bit, a smaller batch or sequence, a paged 8-bit optimizer). (05_memory_profiling)"""
+    _check_margin(safety_margin)
     gpu_name, available = _gpu_bytes(gpu)
     estimate = estimate_training_memory(config, **estimate_kwargs)
     need = _need(estimate, safety_margin)
@@ -1102,10 +1103,24 @@ def _largest(predicate, low: int, high: int) -> int:
     return low
 
 
+def _check_margin(safety_margin) -> None:
+    if isinstance(safety_margin, bool) or not isinstance(safety_margin, (int, float)) or \
+            not 0 <= safety_margin < 1:
+        raise ValueError(f"safety_margin={safety_margin!r}: use a fraction of the estimate in [0, 1), e.g. "
+                         f"{SAFETY_MARGIN} (the allocator reserves 5-20% above the allocated peak)")
+
+
+def _check_limit(name: str, limit, smallest: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < smallest:
+        raise ValueError(f"{name}={limit!r}: use an integer >= {smallest} (the largest value to consider)")
+
+
 def max_batch_size(gpu="T4", config="llama2-7b", *, seq_len: int = 512, safety_margin: float = SAFETY_MARGIN,
                    limit: int = 4096, **estimate_kwargs) -> int:
     """The largest batch size (<= limit) whose training step fits on `gpu` at `seq_len`; 0 if not even 1 fits.
-    (05_memory_profiling)"""
+    limit < 1 and a safety_margin outside [0, 1) raise ValueError. (05_memory_profiling)"""
+    _check_limit("limit", limit, 1)
+    _check_margin(safety_margin)
     return _largest(lambda b: fits(config, gpu, safety_margin=safety_margin, suggest=False, batch_size=b,
                                    seq_len=seq_len, **estimate_kwargs).fits, 1, limit)
 
@@ -1114,7 +1129,14 @@ def max_seq_len(gpu="T4", config="llama2-7b", *, batch_size: int = 1, safety_mar
                 multiple_of: int = 256, limit: int = 131072, **estimate_kwargs) -> int:
     """The longest sequence (a multiple of `multiple_of`, <= limit) whose training step at `batch_size` fits on
     `gpu`; 0 if none does. Memory only: the model's trained context (4096 for Llama 2) is a separate limit.
+    limit < multiple_of (no multiple fits under it) and a safety_margin outside [0, 1) raise ValueError.
     (05_memory_profiling)"""
+    _check_limit("multiple_of", multiple_of, 1)
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit < multiple_of:
+        raise ValueError(f"limit={limit!r} is below multiple_of={multiple_of}: no sequence length under the limit is "
+                         f"a multiple of it; pass a smaller multiple_of (e.g. multiple_of=1) or a larger limit")
+    _check_limit("limit", limit, multiple_of)
+    _check_margin(safety_margin)
     n = _largest(lambda k: fits(config, gpu, safety_margin=safety_margin, suggest=False, batch_size=batch_size,
                                 seq_len=k * multiple_of, **estimate_kwargs).fits, 1, limit // multiple_of)
     return max(0, n) * multiple_of

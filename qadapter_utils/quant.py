@@ -113,6 +113,11 @@ def _check_float(x: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} has dtype {x.dtype}: quantize float32, float16 or bfloat16 values (call .float())")
     if x.numel() == 0:
         raise ValueError(f"{what} is empty: there is nothing to quantize")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{what} holds {bad} non-finite values (NaN or inf): a block's absmax would be non-finite "
+                         f"and every value of the block lost. Find where they come from (a diverged training, a "
+                         f"division by zero) or replace them first, e.g. torch.nan_to_num({what})")
 
 
 def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
