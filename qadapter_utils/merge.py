@@ -199,7 +199,7 @@ def save_merged(model, adapter_name: str, folder, dtype: torch.dtype | None = No
         weight_map = {key: name for (_, keys), name in zip(written, names) for key in keys}
         (folder / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    config.torch_dtype = dtype
+    config.dtype = dtype
     config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
