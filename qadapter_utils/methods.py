@@ -425,7 +425,17 @@ def add_adapter(model, method: str | AdapterConfig, name: str | None = None, *, 
             model.delete_adapter(name)
         raise
     _gradient_checkpointing(model, gradient_checkpointing)
+    _keep_trainable(model)
     return name
+
+
+def _keep_trainable(model) -> None:
+    """An eval-mode forward before the adapter was added (an evaluation, a generate) may have repacked 4-bit layers
+    for inference on AVX512-BF16 CPUs, which cuts their gradient: undo and prevent that (weights.py explains)."""
+    if is_quantized(model) == "4bit":
+        from qadapter_utils.weights import keep_4bit_layers_trainable
+
+        keep_4bit_layers_trainable(model)
 
 
 def check_adapter_name(model, name) -> None:
@@ -600,6 +610,7 @@ def load_adapter(model, directory: str | Path, name: str | None = None, train: b
     if train:
         model.train_adapter(name)
         model.train()
+        _keep_trainable(model)
     else:
         model.train(training)  # new adapter modules are created in train mode: follow the model's mode
     _place(model, name, adapter_dtype)
