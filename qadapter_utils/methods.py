@@ -431,7 +431,8 @@ def add_adapter(model, method: str | AdapterConfig, name: str | None = None, *, 
 
 def _keep_trainable(model) -> None:
     """An eval-mode forward before the adapter was added (an evaluation, a generate) may have repacked 4-bit layers
-    for inference on AVX512-BF16 CPUs, which cuts their gradient: undo and prevent that (weights.py explains)."""
+    for inference on AVX512-BF16 CPUs, which cuts their gradient and computes in another kernel: undo and prevent
+    that (weights.py explains), so that a trained adapter and the same adapter loaded later compute alike."""
     if is_quantized(model) == "4bit":
         from qadapter_utils.weights import keep_4bit_layers_trainable
 
@@ -607,10 +608,10 @@ def load_adapter(model, directory: str | Path, name: str | None = None, train: b
         model.delete_adapter(name)
     _load_checked(model, directory, name)
     model.set_active_adapters(name)
+    _keep_trainable(model)  # also for inference: computes as the model the adapter was trained on did
     if train:
         model.train_adapter(name)
         model.train()
-        _keep_trainable(model)
     else:
         model.train(training)  # new adapter modules are created in train mode: follow the model's mode
     _place(model, name, adapter_dtype)

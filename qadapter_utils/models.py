@@ -113,7 +113,9 @@ def load_model(name: str = "tiny", bits: int | None = None, quant_type: str = "n
     device_map: default the whole model on GPU $LOCAL_RANK (0 outside a distributed launch), else the CPU. On one
     GPU, weights that cannot fit its free memory raise ModelLoadError before anything is downloaded or allocated.
     Non-quantized parts (embeddings, norms, lm_head) are kept in compute_dtype. The model is returned in eval
-    mode, as `from_pretrained` returns it: call `model.train()` before a hand-written training loop. A truncated
+    mode, as `from_pretrained` returns it: call `model.train()` before a hand-written training loop. 4-bit layers
+    are kept out of bitsandbytes' AVX512-BF16 inference repacking on the CPU, so every CPU computes them with the
+    same kernel and they stay trainable after an evaluation (weights.keep_4bit_layers_trainable). A truncated
     or unreadable weights file raises ModelLoadError naming it.
     (00_setup, 02_loading_quantized)
     """
@@ -146,6 +148,10 @@ def load_model(name: str = "tiny", bits: int | None = None, quant_type: str = "n
         raise
     if tokenizer.pad_token is None:  # Llama 2 has no padding token; <unk> is the usual stand-in
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if bits == 4:  # one CPU kernel everywhere: no inference repacking on AVX512-BF16 CPUs (weights.py explains)
+        from qadapter_utils.weights import keep_4bit_layers_trainable
+
+        keep_4bit_layers_trainable(model)
     model.qadapter_name = name
     return model, tokenizer
 
