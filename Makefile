@@ -37,13 +37,13 @@ run: $(STAMP)  ## execute every notebook in order on the embedded tiny model (ou
 	done
 
 test: $(STAMP)  ## run tests/ and nbval over every notebook
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests $(NBVAL) $(NOTEBOOKS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests $(NBVAL) $(NOTEBOOKS)
 
 test-package: $(STAMP)  ## only tests/ (no notebooks)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 test-notebooks: $(STAMP)  ## only nbval over every notebook
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile $(NBVAL) $(NOTEBOOKS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(NBVAL) $(NOTEBOOKS)
 
 lab: $(STAMP)  ## open JupyterLab with this environment's kernel
 	cd notebooks && ../$(BIN)/jupyter lab
