@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 export MPLBACKEND := module://matplotlib_inline.backend_inline
 
-.PHONY: help env run test test-package test-notebooks lab tiny-model compat-matrix clean
+.PHONY: help env run test test-package test-notebooks gpu-notebooks colab-links lab tiny-model compat-matrix clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -44,6 +44,12 @@ test-package: $(STAMP)  ## only tests/ (no notebooks)
 
 test-notebooks: $(STAMP)  ## only nbval over every notebook
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(NBVAL) $(NOTEBOOKS)
+
+gpu-notebooks: $(STAMP)  ## on a CUDA GPU: every notebook as on a Colab T4 (14.75 GiB, fp16), Llama-2-7B shape; table in build/gpu-notebooks
+	QADAPTER_MODEL=$${QADAPTER_MODEL:-random:llama2-7b} $(BIN)/python scripts/run_notebooks.py --t4 --out build/gpu-notebooks
+
+colab-links: $(STAMP)  ## point every Colab badge and install cell at pyproject.toml's [project.urls] Repository
+	$(BIN)/python scripts/colab_links.py
 
 lab: $(STAMP)  ## open JupyterLab with this environment's kernel
 	cd notebooks && ../$(BIN)/jupyter lab

@@ -1,0 +1,49 @@
+"""scripts/run_notebooks.py, the GPU notebook runner, driven through its own code path on the CPU: notebook 00 on
+the tiny model in a real Jupyter kernel, and a notebook that fails, to check what the runner records."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = ROOT / "scripts" / "run_notebooks.py"
+
+
+def test_runner_executes_notebook_00_and_writes_the_table(tmp_path):
+    env = dict(os.environ, QADAPTER_MODEL="tiny")
+    done = subprocess.run([sys.executable, str(RUNNER), "--only", "00", "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    table = json.loads((tmp_path / "results.json").read_text())
+    assert [r["notebook"] for r in table["rows"]] == ["00_setup.ipynb"]
+    row = table["rows"][0]
+    assert row["status"] == "passed" and row["error"] is None and row["seconds"] > 0
+    assert table["meta"]["model"] == "tiny" and not table["meta"]["t4"]
+    executed = nbformat.read(tmp_path / "00_setup.ipynb", as_version=4)
+    code = [c for c in executed.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code) and any(c.outputs for c in code)
+    assert all("execution" not in c.metadata for c in executed.cells), "cleaned like the committed notebooks"
+    assert "| 00_setup.ipynb | passed |" in (tmp_path / "results.md").read_text()
+
+
+def test_runner_records_the_first_error_and_allows_errors_shown_on_purpose(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("# NBVAL_RAISES_EXCEPTION\nraise KeyError('shown on purpose')"),
+                nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_code_cell("1 / 0"),
+                nbformat.v4.new_code_cell("y = 2")]
+    path = tmp_path / "bad.ipynb"
+    nbformat.write(nb, path)
+    out = tmp_path / "out"
+    env = dict(os.environ, QADAPTER_PEAK_FILE=str(tmp_path / "peaks.jsonl"))
+    done = subprocess.run([sys.executable, str(RUNNER), "--one", str(path), "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads((out / "bad.row.json").read_text())
+    assert row["status"] == "failed" and row["error"].startswith("cell 2: ZeroDivisionError")
+    executed = nbformat.read(out / "bad.ipynb", as_version=4)
+    assert executed.cells[3].execution_count, "the cells after a failure still run, as a learner would see them"
+    assert "tags" not in executed.cells[0].metadata, "the runner's own tag is not left in the saved notebook"
