@@ -481,12 +481,18 @@ def _prefix_needs_eager_attention(model) -> None:
 def _init(model) -> None:
     """adapters.init(model) once, keeping the model's train/eval mode: adapters 1.3.0 swaps in new wrapper
     modules (LoRALinear8bitLt, ...) in train mode even when the model is in eval mode, which changes outputs
-    (dropout; on the CPU bitsandbytes runs 8-bit layers in train mode through a different, dequantizing kernel)."""
+    (dropout; on the CPU bitsandbytes runs 8-bit layers in train mode through a different, dequantizing kernel).
+    It runs on the meta device: adapters' wrappers build a full-size, randomly initialised weight for every linear
+    layer and then replace it by the model's own, which for Llama-2-7B is 45 s of wasted CPU work at every load."""
     if hasattr(model, "adapters_config"):
         return
     training = model.training
-    adapters.init(model)
+    with torch.device("meta"):
+        adapters.init(model)
     model.train(training)
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if on_meta and not all(p.is_meta for p in model.parameters()):  # (a model built on meta stays there)
+        raise RuntimeError(f"adapters.init left tensors on the meta device: {on_meta[:3]}")
     for layer in _decoder_layers(model):
         layer.register_forward_pre_hook(_pass_kv_cache, with_kwargs=True)
 
