@@ -25,6 +25,8 @@ Introduced in notebooks/04_training.ipynb. Needs qadapter_utils.weights (dequant
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import torch
 
@@ -160,19 +162,26 @@ def save_merged(model, adapter_name: str, folder, dtype: torch.dtype | None = No
     generation config, and the tokenizer if given) without ever holding the merged model in memory: each tensor
     is merged, moved to the CPU and written with its shard (at most `max_shard_bytes` of RAM at a time). Load it
     with `qadapter_utils.models.load_model(folder)` in full precision, or with bits=4/8 to quantize the merged
-    weights again. `model` is not modified. Refuses a folder that already holds files unless overwrite=True.
-    Returns the folder. (04_training)"""
-    import json
-    from pathlib import Path
+    weights again. `model` is not modified. Written into a sibling folder and renamed into place; refuses a
+    folder that already holds files unless overwrite=True (and then replaces only saved work). Returns the folder.
+    (04_training)"""
+    from qadapter_utils.guards import folder_written_atomically
 
+    config, dtype, _, tensors = _merged_tensors(model, adapter_name, dtype)  # MergeError before anything is written
+    with folder_written_atomically(folder, overwrite) as tmp:  # a merge cut short leaves no half checkpoint
+        _write_merged(tmp, config, dtype, tensors, max_shard_bytes)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(folder).expanduser()
+
+
+def _write_merged(folder: Path, config, dtype, tensors, max_shard_bytes: int) -> None:
+    """The tensors as safetensors shards of at most max_shard_bytes (with the index from_pretrained reads when
+    there are several) and the config, into `folder`; one shard in memory at a time."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"{folder} already holds files ({', '.join(sorted(p.name for p in folder.iterdir())[:5])}"
-                              f"); nothing was written. Choose another folder, or pass overwrite=True.")
-    config, dtype, _, tensors = _merged_tensors(model, adapter_name, dtype)
-    folder.mkdir(parents=True, exist_ok=True)
     written, shard, size, total = [], {}, 0, 0  # written: (file name, keys) of each shard on disk
 
     def flush():
@@ -201,11 +210,6 @@ def save_merged(model, adapter_name: str, folder, dtype: torch.dtype | None = No
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config.dtype = dtype
     config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    return folder
 
 
 def requantize(merged, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True, folder=None):

@@ -50,3 +50,22 @@ def test_save_merged_refuses_a_folder_with_files(adapter_model, tmp_path):
     with pytest.raises(FileExistsError, match="nothing was written"):
         save_merged(model, name, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_merge_cut_short_leaves_no_half_checkpoint(adapter_model, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model, _, name = adapter_model
+    calls = []
+    real = safetensors.torch.save_file
+
+    def failing_save_file(*args, **kwargs):  # the disk fills up, or the process is interrupted, at shard 2
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("no space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="no space"):
+        save_merged(model, name, tmp_path / "merged", max_shard_bytes=300_000)
+    assert list(tmp_path.iterdir()) == [], "neither the target nor a temporary folder is left behind"
