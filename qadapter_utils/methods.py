@@ -62,13 +62,15 @@ _PRESETS: dict[str, tuple[Callable[[], AdapterConfig], str]] = {
              "LoRA r=16, alpha=32 on q_proj and v_proj (the QLoRA-on-attention default of our benchmarks)"),
     "lora_all": (lambda: LoRAConfig(r=16, alpha=32, attn_matrices=["q", "k", "v"], intermediate_lora=True,
                                     output_lora=True),
-                 "LoRA r=16, alpha=32 on every linear layer adapters can wrap: q, k, v, up_proj, down_proj "
-                 "(adapters 1.3.0 cannot wrap o_proj and gate_proj of Llama)"),
+                 "LoRA r=16, alpha=32 on the 5 of Llama's 7 linear layers per block that adapters 1.3.0 can wrap: "
+                 "q, k, v, up_proj, down_proj (not o_proj and gate_proj, which it cannot reach)"),
     "dora": (lambda: DoRAConfig(r=16, alpha=16),
              "DoRA (LoRA + learned per-row magnitude) r=16 on q_proj and v_proj; unquantized base only. alpha = r "
              "because adapters 1.3.0 normalises by ||W + BA|| while adding (alpha/r)·BA: equal only when alpha = r"),
     "ia3": (lambda: IA3Config(),
-            "(IA)^3: learned vectors scaling the outputs of k_proj, v_proj and down_proj"),
+            "(IA)^3: learned vectors scaling the outputs of k_proj, v_proj and down_proj (adapters maps "
+            "'intermediate' to down_proj; the (IA)^3 paper scales the feed-forward's inner activation, i.e. "
+            "down_proj's input, instead)"),
     "vera": (lambda: VeraConfig(),
              "VeRA: frozen random low-rank matrices shared by all layers, on q_proj, v_proj; adapters 1.3.0 trains "
              "its scaling 'vectors' as full (out x out and r x r) diagonal-initialised matrices"),
