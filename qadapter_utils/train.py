@@ -538,12 +538,14 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     """Greedy answers of `model` to `prompts` (formatted prompts, e.g. rows' "prompt"), one prompt at a time
     (no padding), stopping at end-of-sequence; returns the generated text without the prompt, stripped.
 
-    use_cache=False by default: adapters 1.3.0's Llama layers take the KV cache as `past_key_value`, while
-    transformers 4.57 passes `past_key_values`, so after `adapters.init` a cached generate() silently drops the
-    cache and every new token sees only itself (adapter-hub/adapters#824; notebook 04 shows it). Without the
-    cache each step recomputes the whole sequence: slower, but correct for any model. A merged model
-    (qadapter_utils.merge.merge_lora) has no adapters layers and generates correctly with the cache.
-    (04_training)"""
+    use_cache=False by default, which is correct for any model: adapters 1.3.0's Llama layers take the KV cache
+    as `past_key_value`, while transformers 4.57 passes `past_key_values`, so after a bare `adapters.init` a
+    cached generate() would silently drop the cache and every new token would see only itself
+    (adapter-hub/adapters#824). A model prepared by qadapter_utils.methods.add_adapter or load_adapter carries a
+    hook that hands the cache over under the old name, so use_cache=True gives the same answers there, faster for
+    long answers (notebook 04 shows cached and uncached generation agree). Without the cache each step recomputes
+    the whole sequence. A merged model (qadapter_utils.merge.merge_lora) has no adapters layers and generates
+    correctly with the cache. (04_training)"""
     was_training = model.training
     model.eval()
     out = []
