@@ -296,6 +296,9 @@ def main(argv=None) -> int:
     paths = notebooks(args.only)
     import torch
 
+    if args.t4 and not torch.cuda.is_available():
+        raise SystemExit("--t4 stands in for a Colab T4 on a CUDA GPU, and this machine has none: run the notebooks "
+                         "on the CPU with `make run` (the tiny model), or without --t4")
     rate = fp16_tflops()
     stand_in = Path(tempfile.mkdtemp(prefix="qadapter-runner-"))
     (stand_in / "sitecustomize.py").write_text(SITECUSTOMIZE)

@@ -47,3 +47,9 @@ def test_runner_records_the_first_error_and_allows_errors_shown_on_purpose(tmp_p
     executed = nbformat.read(out / "bad.ipynb", as_version=4)
     assert executed.cells[3].execution_count, "the cells after a failure still run, as a learner would see them"
     assert "tags" not in executed.cells[0].metadata, "the runner's own tag is not left in the saved notebook"
+
+
+def test_t4_stand_in_refuses_a_machine_without_cuda(tmp_path):
+    done = subprocess.run([sys.executable, str(RUNNER), "--t4", "--only", "00", "--out", str(tmp_path)],
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "make run" in done.stderr and not (tmp_path / "results.json").exists()
