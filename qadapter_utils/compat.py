@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from qadapter_utils.methods import AdapterMethodError, DESCRIPTIONS, add_adapter, load_adapter, save_adapter
-from qadapter_utils.weights import keep_4bit_layers_trainable
 
 # The presets of qadapter_utils.methods, less close variants (prefix_flat, compacter++, noreft, direft) to keep
 # the whole matrix around a minute on a small CPU.
@@ -90,9 +89,6 @@ def check_cell(model, method: str, workdir: Path) -> dict:
         return {"status": "fails", "detail": f"add: {type(err).__name__}: {str(err)[:120]}", "losses": []}
     loaded = None
     try:
-        # an earlier cell's eval-mode forward may have repacked the 4-bit layers for CPU inference (AVX512-BF16),
-        # which would cut every gradient: the matrix must not depend on the CPU or on the order of the cells
-        keep_4bit_layers_trainable(model)
         params = [p for p in model.parameters() if p.requires_grad]
         # weight_decay=0.0 as in transformers' Trainer default; any weight decay makes LoReFT's orthogonal
         # projection stop acting after one step in adapters 1.3.0 (loss returns to the base model's)
