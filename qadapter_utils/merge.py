@@ -105,8 +105,9 @@ def _plain_config(model):
 
 
 def _merged_tensors(model, adapter_name: str, dtype: torch.dtype | None):
-    """(config of the plain model, dtype, generator of (state-dict key, merged tensor)): every tensor of the plain
-    model, computed from `model` one at a time, so a caller can place or write each before the next exists."""
+    """(the plain model built empty on the meta device, dtype, generator of (state-dict key, merged tensor)): every
+    tensor of the plain model, computed from `model` one at a time, so a caller can place or write each before the
+    next exists."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -133,7 +134,7 @@ def _merged_tensors(model, adapter_name: str, dtype: torch.dtype | None):
                 source = getattr(old, leaf).detach()
                 yield key, (source.to(dtype) if source.is_floating_point() else source).clone()
 
-    return config, dtype, skeleton, tensors()
+    return skeleton, dtype, tensors()
 
 
 def merge_lora(model, adapter_name: str, dtype: torch.dtype | None = None, device=None):
@@ -146,7 +147,7 @@ def merge_lora(model, adapter_name: str, dtype: torch.dtype | None = None, devic
     model beside `model`; where that is more than the GPU or RAM holds (Llama-2-7B on a T4 or in Colab's RAM),
     use save_merged, which writes it to disk a tensor at a time. (04_training)"""
     device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
-    _, _, merged, tensors = _merged_tensors(model, adapter_name, dtype)
+    merged, _, tensors = _merged_tensors(model, adapter_name, dtype)
     merged.load_state_dict({key: value.to(device) for key, value in tensors}, strict=True, assign=True)
     merged.tie_weights()
     merged.to(device)
@@ -167,9 +168,9 @@ def save_merged(model, adapter_name: str, folder, dtype: torch.dtype | None = No
     (04_training)"""
     from qadapter_utils.guards import folder_written_atomically
 
-    config, dtype, _, tensors = _merged_tensors(model, adapter_name, dtype)  # MergeError before anything is written
+    skeleton, dtype, tensors = _merged_tensors(model, adapter_name, dtype)  # MergeError before anything is written
     with folder_written_atomically(folder, overwrite) as tmp:  # a merge cut short leaves no half checkpoint
-        _write_merged(tmp, config, dtype, tensors, max_shard_bytes)
+        _write_merged(tmp, skeleton.config, dtype, tensors, max_shard_bytes)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
