@@ -227,6 +227,12 @@ def cell_seconds(cell) -> float:
     return (parse(ended) - parse(begun)).total_seconds()
 
 
+def unmeasured_row(path: Path, status: str, error: str | None = None) -> dict:
+    """The table row of a notebook that produced no measurement (not run, or its child process died)."""
+    return {"notebook": path.name, "status": status, "error": error, "seconds": 0, "peak_allocated_gib": None,
+            "peak_reserved_gib": None, "peak_device_gib": None}
+
+
 def run_one(path: Path, args, stand_in: Path, watch_device: bool) -> dict:
     """Execute `path` in a child process of its own (its own environment, peak file and kernel) and return its row."""
     env = dict(os.environ, QADAPTER_PEAK_FILE=str(stand_in / f"peaks-{path.stem}.jsonl"),
@@ -242,9 +248,7 @@ def run_one(path: Path, args, stand_in: Path, watch_device: bool) -> dict:
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     row_file = args.out / f"{path.stem}.row.json"
     if done.returncode != 0 or not row_file.exists():
-        return {"notebook": path.name, "status": "failed", "seconds": 0, "peak_allocated_gib": None,
-                "peak_reserved_gib": None, "peak_device_gib": None,
-                "error": f"the runner's child failed: {done.stderr[-300:]}"}
+        return unmeasured_row(path, "failed", f"the runner's child failed: {done.stderr[-300:]}")
     row = json.loads(row_file.read_text())
     row_file.unlink()
     return row
@@ -311,8 +315,7 @@ def main(argv=None) -> int:
 
     def run(path, alone):
         if args.time_limit and time.perf_counter() - begun > args.time_limit:
-            row = {"notebook": path.name, "status": "not run (time limit)", "error": None, "seconds": 0,
-                   "peak_allocated_gib": None, "peak_reserved_gib": None, "peak_device_gib": None}
+            row = unmeasured_row(path, "not run (time limit)")
         else:
             print(f"== {path.name}", flush=True)
             row = run_one(path, args, stand_in, watch_device=alone)
