@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 # github.com/OWNER/NAME in its three forms: the page (and git+ / git clone URLs), Colab's, and raw files
 LINK = re.compile(r"(colab\.research\.google\.com/github/|raw\.githubusercontent\.com/|(?<![\w.])github\.com/)"
                   r"([\w.-]+)/([\w.-]+?)(?=[/\"'\s)]|\.git\b|$)")
+# Owners of other projects' repositories that the notebooks link to: never rewritten. Every other github.com link
+# is taken for this project's, so add an owner here before linking to a new project.
 IGNORED = {"adapter-hub", "bitsandbytes-foundation", "computationalmodelling", "huggingface", "rasbt", "d2l-ai",
-           "fastai", "karpathy", "unslothai", "artidoro", "TimDettmers", "meta-llama"}  # others' repositories
+           "fastai", "karpathy", "unslothai", "artidoro", "TimDettmers", "meta-llama"}
 
 
 def repository() -> tuple[str, str]:

@@ -68,7 +68,9 @@ def test_committed_outputs_are_clean(path):
 def test_every_link_to_the_project_names_the_repository_in_pyproject():
     """The repository's address lives in pyproject.toml alone; `make colab-links` writes it everywhere else."""
     wrong = {p.name: colab_links.foreign_links(p.read_text(), OWNER, NAME) for p in colab_links.files()}
-    assert not {k: v for k, v in wrong.items() if v}, "run `make colab-links` (scripts/colab_links.py)"
+    assert not {k: v for k, v in wrong.items() if v}, (
+        f"{ {k: v for k, v in wrong.items() if v} }: run `make colab-links` (scripts/colab_links.py); if one of these "
+        f"is another project's repository, add its owner to colab_links.IGNORED first, or it would be rewritten")
 
 
 def test_colab_links_rewrites_a_fork_and_leaves_other_projects_alone():
