@@ -11,7 +11,7 @@ double quant) x architecture (Llama: the embedded "tiny" model; Mistral with gro
     python -m qadapter_utils.compat            # writes docs/compat_matrix.md and docs/compat_matrix.json
 
 tests/test_compat.py regenerates it and compares with the committed table. Introduced in
-notebooks/03_adapters_on_quantized.ipynb. Needs qadapter_utils.methods (and qadapter_utils.models to load models).
+notebooks/04_adapters_on_quantized.ipynb. Needs qadapter_utils.methods (and qadapter_utils.models to load models).
 """
 from __future__ import annotations
 

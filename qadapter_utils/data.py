@@ -22,7 +22,7 @@ other (tests/test_data.py checks the logits). Two things switch that off silentl
 with a packed row, and a KV cache (Llama makes one whenever use_cache is on, also during training without
 gradient checkpointing) -- so make_collator's packed batches carry use_cache=False.
 
-Introduced in notebooks/04_training.ipynb. Needs qadapter_utils.tiny.corpus (only for the embedded task).
+Introduced in notebooks/05_training.ipynb. Needs qadapter_utils.tiny.corpus (only for the embedded task).
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ ARITHMETIC_KINDS = ("plus", "minus")
 
 
 def format_prompt(question: str) -> str:
-    """The prompt the model sees for `question` (PROMPT_TEMPLATE filled in). (04_training)"""
+    """The prompt the model sees for `question` (PROMPT_TEMPLATE filled in). (05_training)"""
     return PROMPT_TEMPLATE.format(question=question.strip())
 
 
@@ -97,9 +97,9 @@ def world_qa(kinds: Sequence[str] = FACT_KINDS, holdout: str = "facts", style: s
     next, ...) is asked only in eval. So no eval answer was ever a training target: the adapter must learn the
     skill (the question format, and to let the base model fill in what it knows) rather than memorise pairs.
     "people": `n_eval_people` people appear only in eval (harder: the model must also handle names it never saw in
-    a question; the tiny model cannot, which notebook 04's exercises explore).
+    a question; the tiny model cannot, which notebook 05's exercises explore).
     Arithmetic kinds ("plus", "minus"; not in the default) hold out a fraction of the number pairs.
-    Every phrasing of QUESTIONS appears in both splits. (04_training)"""
+    Every phrasing of QUESTIONS appears in both splits. (05_training)"""
     if style not in ("sentence", "word"):
         raise ValueError(f"style={style!r}: use 'sentence' (answer in a full sentence) or 'word' (the bare word)")
     if holdout not in ("facts", "people"):
@@ -143,7 +143,7 @@ def world_qa(kinds: Sequence[str] = FACT_KINDS, holdout: str = "facts", style: s
 def split_conversation(text: str) -> dict | None:
     """Split one guanaco-style record "### Human: ... ### Assistant: ..." (possibly several turns) into
     {"prompt": everything up to and including the last "### Assistant:", "answer": the last reply}; None when the
-    text has no assistant turn. Only the last reply is trained on. (04_training)"""
+    text has no assistant turn. Only the last reply is trained on. (05_training)"""
     cut = text.rfind(ASSISTANT_TAG)
     if cut < 0:
         return None
@@ -159,7 +159,7 @@ def load_instruction_data(name: str = "world", max_examples: int | None = None, 
     name="world": the embedded task (world_qa), no download. Any other name is a hub dataset with a "text"
     column in the guanaco format (e.g. "timdettmers/openassistant-guanaco", which has train and test splits);
     it is downloaded through `datasets.load_dataset` only here, so code that never asks for it never touches the
-    network. max_examples keeps the first N of each split. (04_training)"""
+    network. max_examples keeps the first N of each split. (05_training)"""
     if name == "world":
         train, evaluation = world_qa(seed=seed)
     else:
@@ -204,7 +204,7 @@ def tokenize_example(tokenizer, prompt: str, answer: str, max_length: int | None
     or after the end of the prompt (character offsets from the fast tokenizer), so tokenizers that merge across
     the boundary or add a leading space (Llama 2's SentencePiece) are handled. Truncation keeps the first
     `max_length` tokens; returns None when no answer token is left (such an example would train nothing).
-    Returns {"input_ids", "labels", "length", "truncated"}. (04_training)"""
+    Returns {"input_ids", "labels", "length", "truncated"}. (05_training)"""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("tokenize_example needs a fast tokenizer (character offsets): load it with "
                          "AutoTokenizer.from_pretrained(..., use_fast=True)")
@@ -249,7 +249,7 @@ def tokenize_dataset(dataset, tokenizer, max_length: int | None = 256, verbose: 
                      return_stats: bool = False):
     """Tokenize a dataset (or list) of prompt/answer rows with tokenize_example; return a `datasets.Dataset`
     with columns input_ids, labels, length plus the original ones (prompt, answer, kind, ...), or
-    (dataset, TokenizeStats) with return_stats=True. verbose=True prints the statistics. (04_training)"""
+    (dataset, TokenizeStats) with return_stats=True. verbose=True prints the statistics. (05_training)"""
     from datasets import Dataset
 
     rows = list(dataset) if not isinstance(dataset, list) else dataset
@@ -303,7 +303,7 @@ def make_collator(tokenizer, packing: bool = True, pad_to_multiple_of: int | Non
     passed, and Llama creates one whenever use_cache is on (config.use_cache=True, the default, unless gradient
     checkpointing turns it off) -- without it, packed samples would attend to each other. packing=False:
     DataCollatorForSeq2Seq (right padding with the pad token, labels padded with -100, attention_mask).
-    Extra columns (prompt, kind, ...) are dropped. (04_training)"""
+    Extra columns (prompt, kind, ...) are dropped. (05_training)"""
     if packing:
         from transformers import DataCollatorWithFlattening
 
@@ -322,7 +322,7 @@ def padding_fraction(lengths: Sequence[int], batch_size: int, strategy: str = "r
     """Fraction of the token slots that are padding when `lengths` are batched `batch_size` at a time and each
     batch is padded to its longest sample. strategy: "random" (a shuffled order, the Trainer's default sampler),
     "grouped" (the Trainer's group_by_length: transformers' LengthGroupedSampler), or "packed"
-    (DataCollatorWithFlattening: always 0.0). (04_training)"""
+    (DataCollatorWithFlattening: always 0.0). (05_training)"""
     lengths = list(map(int, lengths))
     if batch_size < 1 or not lengths:
         raise ValueError("need batch_size >= 1 and at least one length")
@@ -349,7 +349,7 @@ def padding_fraction(lengths: Sequence[int], batch_size: int, strategy: str = "r
 
 def padding_report(lengths: Sequence[int], batch_size: int, seed: int = 0):
     """A pandas DataFrame: padding fraction and token slots per step for random batches, length-grouped batches
-    and packing. (04_training)"""
+    and packing. (05_training)"""
     import pandas as pd
 
     rows = []

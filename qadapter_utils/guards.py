@@ -8,7 +8,7 @@ renaming it into place, so that a kill mid-write never leaves a half-written ada
         ...write into tmp...                      # renamed to `folder` only when the block ends without error
 
 Every error is raised before anything is changed. Standard library only: works when copied alone.
-Used by qadapter_utils.methods and qadapter_utils.train (04_training, 03_adapters_on_quantized).
+Used by qadapter_utils.methods and qadapter_utils.train (05_training, 04_adapters_on_quantized).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _is_work(path: Path) -> bool:
 
 def saved_work(folder: str | Path) -> list[str]:
     """Sorted names in `folder` that look like saved work (SAVED_WORK_NAMES, SAVED_WORK_SUFFIXES, or a subfolder
-    holding such files); [] when the folder does not exist. (04_training)"""
+    holding such files); [] when the folder does not exist. (05_training)"""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -101,7 +101,7 @@ def folder_written_atomically(target: str | Path, overwrite: bool = False) -> It
     place (os.replace of a folder: atomic on one file system), else it is removed. An existing `target` is
     replaced only when overwrite=True, and only if it holds nothing but saved work (no notes or data of yours
     would be deleted); the old folder is renamed aside first and removed after the swap, so at every moment
-    one complete version exists. (03_adapters_on_quantized, 04_training)"""
+    one complete version exists. (04_adapters_on_quantized, 05_training)"""
     target = Path(target).expanduser()
     existing = target.exists() and any(target.iterdir())
     if existing:

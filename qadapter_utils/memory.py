@@ -23,7 +23,7 @@ in its ctx where checkpointing cannot drop them, the fp32 upcast of the logits i
 kept, 3 fp32 seq x vocab tensors alive in its backward), what non-reentrant gradient checkpointing keeps (each
 layer's input) and recomputes (one layer), adapter weights in fp32 with casts at their edges as
 `qadapter_utils.methods.add_adapter` places them, the optimizer's states and step temporaries, the cuBLAS
-workspace and the CUDA caching allocator's rounding. The formulas are shown in notebooks/05_memory_profiling.ipynb;
+workspace and the CUDA caching allocator's rounding. The formulas are shown in notebooks/06_memory_profiling.ipynb;
 tests/test_memory.py checks the estimator against the peaks measured on GPUs (benchmarks/results/memory_*.json,
 written by benchmarks/memory_sweep.py: all 93 rows within 3%) and its activation terms against the tensors
 autograd saves.
@@ -31,7 +31,7 @@ autograd saves.
 Planning. `fits`, `max_batch_size` and `max_seq_len` add a safety margin (SAFETY_MARGIN of the estimate) and the
 CUDA context (CUDA_CONTEXT_GIB) and compare with a GPU's memory (GPUS, or a number of GiB).
 
-Introduced in notebooks/05_memory_profiling.ipynb. Needs qadapter_utils.quant (weight bytes); preset adapter
+Introduced in notebooks/06_memory_profiling.ipynb. Needs qadapter_utils.quant (weight bytes); preset adapter
 names are resolved through qadapter_utils.methods when it is importable, else through adapters' own names.
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _device_of(model) -> torch.device:
 
 def tensor_bytes(model) -> int:
     """Bytes of the tensors a model holds: parameters, buffers and the bitsandbytes quantization state beside
-    them (absmax, nested absmax, code tables, int8 row scales), each storage counted once. (05_memory_profiling)"""
+    them (absmax, nested absmax, code tables, int8 row scales), each storage counted once. (06_memory_profiling)"""
     seen: set[tuple] = set()
     total = 0
 
@@ -119,7 +119,7 @@ def tensor_bytes(model) -> int:
 
 def make_optimizer(name: str, params, lr: float = 1e-4):
     """The optimizer called `name` (the names of transformers' TrainingArguments.optim): adamw_torch,
-    adamw_torch_fused, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, sgd. (05_memory_profiling)"""
+    adamw_torch_fused, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, sgd. (06_memory_profiling)"""
     params = list(params)
     if name == "adamw_torch":
         return torch.optim.AdamW(params, lr=lr)
@@ -227,7 +227,7 @@ class MemoryProfile:
 
     rows: one dict per phase (phase, step, allocated = bytes held after it, peak = most bytes held during it,
     reserved = allocator's reserved bytes on CUDA); measure: what the numbers are (CUDA allocator or CPU
-    profiler); adapter_bytes: bytes of the trainable parameters. (05_memory_profiling)"""
+    profiler); adapter_bytes: bytes of the trainable parameters. (06_memory_profiling)"""
     rows: list[dict]
     measure: str
     device: str
@@ -290,7 +290,7 @@ def profile_training_step(model, batch: dict, optimizer=None, *, steps: int = 1)
     optimizer: an optimizer over the model's trainable parameters, a name for `make_optimizer`, or None for
     AdamW. The model is put in train mode (transformers skips gradient checkpointing in eval mode).
     Drops the outputs before backward (as `AdapterTrainer` does), so the logits do not outlive the loss.
-    (05_memory_profiling)"""
+    (06_memory_profiling)"""
     if "labels" not in batch:
         raise ValueError("batch needs 'labels' (for a causal LM: labels = input_ids) so that the model returns a loss")
     if steps < 1:
@@ -344,7 +344,7 @@ def measure_training_memory(model, batch_size: int, seq_len: int, steps: int = 3
     included; on the CPU the profiler-based tensor bytes, see `measure`), "peak_reserved" (CUDA), "loaded"
     (bytes held before the first step), "measure", "device", "phases" (MemoryProfile rows) and "breakdown".
     Gradient checkpointing is whatever the model has (`model.gradient_checkpointing_enable()`); the model is put
-    in train mode, without which transformers would skip it. (05_memory_profiling)"""
+    in train mode, without which transformers would skip it. (06_memory_profiling)"""
     profile = profile_training_step(model, random_batch(model, batch_size, seq_len, seed), optimizer, steps=steps)
     reserved = [r["reserved"] for r in profile.rows if r["reserved"] is not None]
     return {"peak_allocated": profile.peak_allocated, "peak_reserved": max(reserved) if reserved else None,
@@ -478,7 +478,7 @@ def count_adapter_params(config, adapter="lora") -> int:
     Llama/Mistral), without building the model. LoRA / (IA)^3 / DoRA, prefix tuning (with or without its MLP)
     and bottleneck adapters (sequential, parallel, with layer norms, gating, learned scaling) are counted from
     their formulas; other methods (PHM/Compacter, VeRA, ReFT, invertible adapters) on a meta-device model.
-    (05_memory_profiling)"""
+    (06_memory_profiling)"""
     from adapters import BnConfig, LoRAConfig, PrefixTuningConfig
 
     config = _resolve_config(config)
@@ -615,7 +615,7 @@ def _adapter_tensors(config, adapter, shape: _Shape) -> list[int]:
 @dataclass
 class MemoryEstimate:
     """What `estimate_training_memory` returns: the bytes of each term at the moment of the peak, their total,
-    where the peak happens, and the inputs. (05_memory_profiling)
+    where the peak happens, and the inputs. (06_memory_profiling)
 
     terms: quantized weights (+ constants), other weights (embeddings, lm_head, norms), adapter parameters,
     gradients, optimizer states, activations (tensors saved for backward, checkpoints), logits and loss,
@@ -809,7 +809,7 @@ def estimate_training_memory(config="llama2-7b", *, bits: int | None = 4, quant_
     GPUs) or "cpu" (exact tensor bytes, for comparing with the CPU measure of `measure_training_memory`).
     Returns a MemoryEstimate whose terms sum to the predicted peak; the formulas are in the notebook.
     Assumes a training step as AdapterTrainer runs it: train mode, no padding (SDPA without a mask), loss from
-    the model's labels, outputs dropped before backward. (05_memory_profiling)"""
+    the model's labels, outputs dropped before backward. (06_memory_profiling)"""
     if bits not in (None, 4, 8):
         raise ValueError(f"bits={bits!r}: use 4, 8 or None")
     if not (isinstance(batch_size, int) and isinstance(seq_len, int)) or batch_size < 1 or seq_len < 1:
@@ -964,7 +964,7 @@ def layer_activations(config="llama2-7b", *, bits: int | None = 4, compute_dtype
                       attn_implementation: str | None = None, int8_outliers: float = 1.0):
     """What one (middle) decoder layer keeps for backward, as the estimator counts it: a pandas DataFrame with one
     row per tensor kind (where in the layer, bytes, bytes per token, whether gradient checkpointing drops it).
-    Exact tensor bytes (no allocator rounding). (05_memory_profiling)"""
+    Exact tensor bytes (no allocator rounding). (06_memory_profiling)"""
     import pandas as pd
     from adapters import PrefixTuningConfig
 
@@ -1024,7 +1024,7 @@ def _gpu_bytes(gpu) -> tuple[str, int]:
 @dataclass
 class FitReport:
     """What `fits` returns: fits (bool), need and available bytes, the estimate and a sentence saying why, with
-    what would make it fit when it does not. (05_memory_profiling)"""
+    what would make it fit when it does not. (06_memory_profiling)"""
     fits: bool
     need: int
     available: int
@@ -1051,7 +1051,7 @@ def fits(config="llama2-7b", gpu="T4", *, safety_margin: float = SAFETY_MARGIN, 
     peak (estimate_training_memory(config, **estimate_kwargs)) plus `safety_margin` of it (allocator reserve,
     fragmentation) plus the CUDA context (CUDA_CONTEXT_GIB) must not exceed the GPU's memory. Returns a
     FitReport (truthy when it fits) whose reason names the largest terms and, when it does not fit, changes that
-    would (checkpointing, 4-bit, a smaller batch or sequence, a paged 8-bit optimizer). (05_memory_profiling)"""
+    would (checkpointing, 4-bit, a smaller batch or sequence, a paged 8-bit optimizer). (06_memory_profiling)"""
     _check_margin(safety_margin)
     gpu_name, available = _gpu_bytes(gpu)
     estimate = estimate_training_memory(config, **estimate_kwargs)
@@ -1118,7 +1118,7 @@ def _check_limit(name: str, limit, smallest: int) -> None:
 def max_batch_size(gpu="T4", config="llama2-7b", *, seq_len: int = 512, safety_margin: float = SAFETY_MARGIN,
                    limit: int = 4096, **estimate_kwargs) -> int:
     """The largest batch size (<= limit) whose training step fits on `gpu` at `seq_len`; 0 if not even 1 fits.
-    limit < 1 and a safety_margin outside [0, 1) raise ValueError. (05_memory_profiling)"""
+    limit < 1 and a safety_margin outside [0, 1) raise ValueError. (06_memory_profiling)"""
     _check_limit("limit", limit, 1)
     _check_margin(safety_margin)
     return _largest(lambda b: fits(config, gpu, safety_margin=safety_margin, suggest=False, batch_size=b,
@@ -1130,7 +1130,7 @@ def max_seq_len(gpu="T4", config="llama2-7b", *, batch_size: int = 1, safety_mar
     """The longest sequence (a multiple of `multiple_of`, <= limit) whose training step at `batch_size` fits on
     `gpu`; 0 if none does. Memory only: the model's trained context (4096 for Llama 2) is a separate limit.
     limit < multiple_of (no multiple fits under it) and a safety_margin outside [0, 1) raise ValueError.
-    (05_memory_profiling)"""
+    (06_memory_profiling)"""
     _check_limit("multiple_of", multiple_of, 1)
     if isinstance(limit, int) and not isinstance(limit, bool) and limit < multiple_of:
         raise ValueError(f"limit={limit!r} is below multiple_of={multiple_of}: no sequence length under the limit is "

@@ -17,7 +17,7 @@ adapter's), out-of-range sizes (r, alpha, dropout, reduction_factor, prefix_leng
 over an adapter of the same name, and adapter files that are truncated, hold non-finite values or do not match
 their config.
 
-Introduced in notebooks/03_adapters_on_quantized.ipynb. Needs qadapter_utils.guards (error types, folder checks).
+Introduced in notebooks/04_adapters_on_quantized.ipynb. Needs qadapter_utils.guards (error types, folder checks).
 """
 from __future__ import annotations
 
@@ -106,9 +106,9 @@ _PRESETS: dict[str, tuple[Callable[[], AdapterConfig], str]] = {
                       "prompt tuning: 10 trained input embeddings; NOT supported on Llama/Mistral by adapters 1.3.0"),
 }
 
-#: preset name -> factory returning a fresh `adapters` config. (03_adapters_on_quantized)
+#: preset name -> factory returning a fresh `adapters` config. (04_adapters_on_quantized)
 PRESETS: dict[str, Callable[[], AdapterConfig]] = {name: factory for name, (factory, _) in _PRESETS.items()}
-#: preset name -> one-line description (what it is, where it attaches). (03_adapters_on_quantized)
+#: preset name -> one-line description (what it is, where it attaches). (04_adapters_on_quantized)
 DESCRIPTIONS: dict[str, str] = {name: text for name, (_, text) in _PRESETS.items()}
 
 
@@ -129,7 +129,7 @@ ADAPTERS_INTERNAL_NAMES = frozenset({
 def adapter_config(method: str | AdapterConfig, **overrides) -> AdapterConfig:
     """An `adapters` config object for `method` (a preset name from PRESETS or any adapters config object),
     with `overrides` applied through `.replace(**overrides)`. For a union (mam, unipelt) each override goes to the
-    components that have that field. (03_adapters_on_quantized)"""
+    components that have that field. (04_adapters_on_quantized)"""
     if isinstance(method, str):
         key = method.strip().lower().replace("-", "_")
         if key not in PRESETS:
@@ -150,7 +150,7 @@ def adapter_config(method: str | AdapterConfig, **overrides) -> AdapterConfig:
 def check_config_values(config: AdapterConfig) -> None:
     """Raise AdapterMethodError for sizes adapters 1.3.0 would fail on deep inside (ZeroDivisionError, TypeError)
     or accept and then train nothing: r, alpha, dropout, reduction_factor, prefix_length, bottleneck_size.
-    (03_adapters_on_quantized)"""
+    (04_adapters_on_quantized)"""
     try:
         for part in _components(config):
             _check_part(part)
@@ -403,7 +403,7 @@ def add_adapter(model, method: str | AdapterConfig, name: str | None = None, *, 
     when it is on, the input embeddings' output is made to require grad so a frozen embedding does not cut the
     graph. Prefix tuning (alone or inside MAM / UniPELT) switches the model to eager attention: under SDPA,
     adapters 1.3.0 masks its own prefix out. Raises AdapterMethodError early for what adapters 1.3.0 cannot do
-    here. (03_adapters_on_quantized)
+    here. (04_adapters_on_quantized)
     """
     config = adapter_config(method, **overrides)
     if name is None:
@@ -445,7 +445,7 @@ def check_adapter_name(model, name) -> None:
     """Raise AdapterMethodError unless `name` can name an adapter of `model`: letters, digits, '_' or '-', and
     not a component of any module or parameter path of the model nor a name adapters uses inside it ("weight",
     "bias", "q_proj", "lora_A", ...): adapters 1.3.0 matches an adapter's name against every path component, so
-    such a name would make it treat the base's own weights as the adapter's. (03_adapters_on_quantized)"""
+    such a name would make it treat the base's own weights as the adapter's. (04_adapters_on_quantized)"""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w\-]*", name):
         raise AdapterMethodError(f"adapter name {name!r} is not usable: use letters, digits, '_' or '-' (no dots), "
                                  f"starting with a letter, e.g. 'my_lora'")
@@ -540,7 +540,7 @@ def save_adapter(model, name: str, directory: str | Path, overwrite: bool = Fals
     return the folder. The files are written into a sibling folder that is renamed into place at the end, so a
     kill mid-save never leaves a half-written adapter. A non-empty `directory` raises guards.SavedWorkError
     (nothing written) unless overwrite=True, which replaces it when it holds only saved work.
-    (03_adapters_on_quantized)"""
+    (04_adapters_on_quantized)"""
     import adapters.loading
 
     if name not in getattr(model, "adapters_config", ()):
@@ -590,7 +590,7 @@ def load_adapter(model, directory: str | Path, name: str | None = None, train: b
     same name already in the model is refused unless overwrite=True. Checked while loading: every tensor the
     config implies is in the file and the file holds no other (a config naming another architecture or other
     target matrices); on a mismatch the adapter is removed again and IntegrityError raised.
-    (03_adapters_on_quantized)"""
+    (04_adapters_on_quantized)"""
     directory = Path(directory)
     config_file = directory / "adapter_config.json"
     if not config_file.exists():
@@ -649,7 +649,7 @@ ADAPTER_WEIGHT_FILES = ("adapter.safetensors", "pytorch_adapter.bin")
 def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a saved adapter (adapter.safetensors, else pytorch_adapter.bin), checked: the file exists
     and is complete, and every value is finite. Raises guards.IntegrityError naming the file.
-    (03_adapters_on_quantized)"""
+    (04_adapters_on_quantized)"""
     directory = Path(directory)
     file = next((directory / f for f in ADAPTER_WEIGHT_FILES if (directory / f).exists()), None)
     where = lambda f: f"{directory.name}/{f}"  # noqa: E731
@@ -724,7 +724,7 @@ def trainable_summary(model, verbose: bool = False):
     """A pandas DataFrame: one row per adapter (architecture, parameters, trainable parameters, % of the base
     model's parameters, bytes, dtype, active) plus rows for the frozen base model and the total trainable.
     Parameter counts of packed 4-bit weights count the weights they stand for. verbose=True also prints it.
-    (03_adapters_on_quantized)"""
+    (04_adapters_on_quantized)"""
     import pandas as pd
 
     adapter_names = list(model.adapters_config.adapters) if hasattr(model, "adapters_config") else []

@@ -22,7 +22,7 @@ overwrite_output_dir=True; a checkpoint torn by a kill during its write is named
 would cut answers (their end-of-sequence token) or drop rows, and a budget that would not train as asked
 (max_steps=0, a non-finite learning rate) are refused before anything runs.
 
-Introduced in notebooks/04_training.ipynb. Needs qadapter_utils.data (tokenization, collators), qadapter_utils.guards
+Introduced in notebooks/05_training.ipynb. Needs qadapter_utils.data (tokenization, collators), qadapter_utils.guards
 (errors, folder checks), qadapter_utils.methods (saving adapters) and qadapter_utils.weights (4-bit layers kept
 trainable on CPUs where bitsandbytes repacks them for inference).
 """
@@ -54,7 +54,7 @@ def _compute_dtype(model) -> torch.dtype:
 def default_arguments(model=None, device: str | None = None, compute_dtype: torch.dtype | None = None) -> dict:
     """The TrainingArguments keywords make_trainer starts from on `device` ("cuda" or "cpu"; default: where
     `model` lives, else "cuda" when a GPU is usable). On CUDA the mixed-precision flag follows `compute_dtype`
-    (default: the model's compute dtype, else qadapter_utils.env.default_compute_dtype()). (04_training)"""
+    (default: the model's compute dtype, else qadapter_utils.env.default_compute_dtype()). (05_training)"""
     if device is None:
         if model is not None:
             device = model.get_input_embeddings().weight.device.type
@@ -94,7 +94,7 @@ TRAJECTORY_ARGUMENTS = ("max_steps", "num_train_epochs", "learning_rate", "per_d
 def run_identity(model, train, arguments: TrainingArguments, packing: bool) -> dict:
     """What makes two runs the same run: the base model (name, class, quantization), the adapters (configs, the
     active setup), a hash of the tokenized training rows, packing and TRAJECTORY_ARGUMENTS. Resuming needs equal
-    identities; logging, saving and evaluation settings may differ. (04_training)"""
+    identities; logging, saving and evaluation settings may differ. (05_training)"""
     configs = {n: model.adapters_config.get(n) for n in model.adapters_config.adapters}
     quant = getattr(model.config, "quantization_config", None)
     digest = hashlib.sha256()
@@ -196,7 +196,7 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     StepStats callback records time per step and peak memory; read it with step_stats(trainer). chunked_loss=True
     computes lm_head and the loss `chunk_size` tokens at a time (qadapter_utils.loss), so the full fp32 logits
     (tokens x vocab x 4 bytes, twice) never exist: what limits the sequence length of a 7B model on a 16 GB GPU.
-    (04_training)"""
+    (05_training)"""
     if not hasattr(model, "adapters_config") or model.active_adapters is None:
         raise ValueError("the model has no active adapter: add one first, e.g. "
                          "qadapter_utils.methods.add_adapter(model, 'lora') (it also sets it to train)")
@@ -355,7 +355,7 @@ class StepStats(TrainerCallback):
     reuses, so the callback reports what training adds to the frozen model, counted exactly: the tensors autograd
     saves for the backward pass during the first optimizer step (distinct storages, model weights excluded)
     plus the trainable weights, their gradients and two fp32 AdamW moments each. Temporary buffers are not
-    counted. (04_training)"""
+    counted. (05_training)"""
 
     def __init__(self):
         self.step_seconds: list[float] = []
@@ -426,7 +426,7 @@ class StepStats(TrainerCallback):
 
 
 def step_stats(trainer) -> dict:
-    """StepStats.summary() of the StepStats callback make_trainer installed. (04_training)"""
+    """StepStats.summary() of the StepStats callback make_trainer installed. (05_training)"""
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, StepStats):
             return callback.summary()
@@ -435,7 +435,7 @@ def step_stats(trainer) -> dict:
 
 def history(trainer):
     """The trainer's log history as a pandas DataFrame indexed by step, with columns loss, eval_loss,
-    learning_rate, grad_norm (NaN where a step logged none of them). (04_training)"""
+    learning_rate, grad_norm (NaN where a step logged none of them). (05_training)"""
     import pandas as pd
 
     rows = [r for r in trainer.state.log_history if "step" in r]
@@ -448,7 +448,7 @@ def history(trainer):
 
 def plot_histories(histories: dict, ax=None, eval_too: bool = True):
     """Training loss curves of several runs ({label: history DataFrame}) in one matplotlib axes; eval loss as
-    dots in the same colour. Returns the axes. (04_training)"""
+    dots in the same colour. Returns the axes. (05_training)"""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -486,14 +486,17 @@ def _batches(rows: Sequence[dict], batch_size: int) -> Iterable[list[dict]]:
 @torch.no_grad()
 def evaluate(model, tokenizer, dataset, batch_size: int = 32, max_length: int | None = 256) -> dict:
     """Evaluate `model` on prompt/answer rows (or rows tokenized by data.tokenize_dataset) with the prompt
-    masked out: returns {"eval_loss": mean loss per answer token, "perplexity": exp(eval_loss), "accuracy":
-    exact-match rate, "accuracy <kind>": the same per question kind (when rows have "kind"), "examples": n}.
+    masked out: returns {"eval_loss": mean loss per answer token, "perplexity": exp(eval_loss), "token accuracy":
+    the share of answer tokens (end-of-sequence included) the model predicts right given the reference before them,
+    "accuracy": exact-match rate, "accuracy <kind>": the same per question kind (when rows have "kind"),
+    "examples": n}. On long free-form answers (e.g. guanaco) whole-answer exact match is about 0 for any model;
+    loss, perplexity and token accuracy still compare models there.
 
     Exact match is teacher-forced: an example counts as correct when, at every answer position and at the
     end-of-sequence token, the model's most likely next token is the reference one, which is exactly when
     greedy generation would produce the answer's tokens and then stop. One packed forward pass per batch
     (no padding, use_cache=False so transformers keeps the samples apart). The model is put in eval mode and
-    its train/eval mode restored afterwards. (04_training)"""
+    its train/eval mode restored afterwards. (05_training)"""
     rows = _as_tokenized(dataset, tokenizer, max_length)
     rows = list(rows) if not isinstance(rows, list) else rows
     if not rows:
@@ -501,7 +504,7 @@ def evaluate(model, tokenizer, dataset, batch_size: int = 32, max_length: int | 
     was_training = model.training
     model.eval()
     device = _device(model)
-    total_loss, total_tokens = 0.0, 0
+    total_loss, total_tokens, right_tokens = 0.0, 0, 0
     correct: dict[str, list[bool]] = {}
     try:
         for batch in _batches(rows, batch_size):
@@ -517,14 +520,17 @@ def evaluate(model, tokenizer, dataset, batch_size: int = 32, max_length: int | 
                 loss = torch.nn.functional.cross_entropy(pred[mask], labels[mask], reduction="sum")
                 total_loss += loss.item()
                 total_tokens += int(mask.sum())
-                ok = bool((pred[mask].argmax(-1) == labels[mask]).all())
+                hits = pred[mask].argmax(-1) == labels[mask]
+                right_tokens += int(hits.sum())
+                ok = bool(hits.all())
                 correct.setdefault(r.get("kind", "all"), []).append(ok)
                 start += n
     finally:
         model.train(was_training)
     mean_loss = total_loss / max(1, total_tokens)
     flat = [c for v in correct.values() for c in v]
-    out = {"eval_loss": mean_loss, "perplexity": math.exp(mean_loss), "accuracy": sum(flat) / len(flat),
+    out = {"eval_loss": mean_loss, "perplexity": math.exp(mean_loss),
+           "token accuracy": right_tokens / max(1, total_tokens), "accuracy": sum(flat) / len(flat),
            "examples": len(flat)}
     if len(correct) > 1 or "all" not in correct:
         for kind in sorted(correct):
@@ -543,9 +549,9 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     cached generate() would silently drop the cache and every new token would see only itself
     (adapter-hub/adapters#824). A model prepared by qadapter_utils.methods.add_adapter or load_adapter carries a
     hook that hands the cache over under the old name, so use_cache=True gives the same answers there, faster for
-    long answers (notebook 04 shows cached and uncached generation agree). Without the cache each step recomputes
+    long answers (notebook 05 shows cached and uncached generation agree). Without the cache each step recomputes
     the whole sequence. A merged model (qadapter_utils.merge.merge_lora) has no adapters layers and generates
-    correctly with the cache. (04_training)"""
+    correctly with the cache. (05_training)"""
     was_training = model.training
     model.eval()
     out = []
@@ -570,7 +576,7 @@ def save_trained_adapter(model, name: str, directory: str | Path, overwrite: boo
     """Save adapter `name` alone (config + weights as safetensors, not the base's lm_head: a few MB even for
     Llama 2-7B) to `directory` with methods.save_adapter (written beside, then renamed into place) and return it.
     Refuses (guards.SavedWorkError, a FileExistsError; nothing written) when `directory` already holds files,
-    unless overwrite=True. Load it back with qadapter_utils.methods.load_adapter. (04_training)"""
+    unless overwrite=True. Load it back with qadapter_utils.methods.load_adapter. (05_training)"""
     from qadapter_utils.methods import save_adapter
 
     if name not in getattr(model, "adapters_config", ()):
@@ -580,7 +586,7 @@ def save_trained_adapter(model, name: str, directory: str | Path, overwrite: boo
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
-    """The Trainer checkpoints (checkpoint-<step> folders) in `output_dir`, oldest first. (04_training)"""
+    """The Trainer checkpoints (checkpoint-<step> folders) in `output_dir`, oldest first. (05_training)"""
     folder = Path(output_dir)
     found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
@@ -588,7 +594,7 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
 
 class StopAfterStep(TrainerCallback):
     """Stop training after optimizer step `step`, saving a checkpoint there: simulates an interruption (a Colab
-    disconnect, a pre-empted job) in the notebook and the resume test. (04_training)"""
+    disconnect, a pre-empted job) in the notebook and the resume test. (05_training)"""
 
     def __init__(self, step: int):
         self.step = step

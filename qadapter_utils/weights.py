@@ -183,7 +183,7 @@ def keep_4bit_layers_trainable(model: torch.nn.Module) -> list[str]:
     from then on no gradient reaches anything before it (LoRA on q/v, a prefix), silently. Repacked layers are
     put back into bitsandbytes' canonical layout with the block scales they computed with (_unpack_cpu_layout),
     and repacking is switched off for the model's layers. Other CPUs never repack: there this changes nothing.
-    (04_training)"""
+    (05_training)"""
     restored = []
     for path, module in model.named_modules():
         if not isinstance(module, Linear4bit):

@@ -211,7 +211,8 @@ def execute(path: Path, out_dir: Path, cell_timeout: int, watch_device: bool) ->
     return {"notebook": path.name, "status": "passed" if error is None else "failed", "error": error,
             "seconds": round(seconds, 1), "peak_allocated_gib": gib("allocated"), "peak_reserved_gib": gib("reserved"),
             "peak_device_gib": round(watch.peak / 2**30, 2) if watch.active else None,
-            "slowest_cells": ", ".join(f"{i}: {t:.0f} s" for t, i in slowest[:3] if t >= 1)}
+            "slowest_cells": ", ".join(f"{i}: {t:.0f} s" for t, i in slowest[:3] if t >= 1),
+            "cell_seconds": {i: round(t, 1) for t, i in sorted(slowest, key=lambda x: x[1]) if t >= 0.5}}
 
 
 def cell_seconds(cell) -> float:

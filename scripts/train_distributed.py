@@ -1,4 +1,4 @@
-"""Train an adapter on a quantized Llama 2 with one or more processes — notebook 04's training code
+"""Train an adapter on a quantized Llama 2 with one or more processes — notebook 05's training code
 (qadapter_utils.train.make_trainer on adapters.AdapterTrainer), launched by accelerate.
 
     # one process (the reference)
@@ -14,7 +14,7 @@
 and (with token-weighted loss averaging across processes) compute the same update. Rank 0 alone saves the
 adapter and writes <out>/result.json: world size, losses, tokens/s, peak memory per process, and how far the
 adapter weights of the processes are apart (0.0 for DDP: they stay identical). Nothing already in --out is
-overwritten: choose a new folder for each run. Introduced in notebooks/06_multi_gpu.ipynb.
+overwritten: choose a new folder for each run. Introduced in notebooks/07_multi_gpu.ipynb.
 """
 from __future__ import annotations
 

@@ -43,9 +43,11 @@ def test_teacher_forced_accuracy_is_greedy_decoding():
         out = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     greedy = out[0, len(ids):].tolist()
     row = {"input_ids": ids + greedy, "labels": [-100] * len(ids) + greedy}
-    assert evaluate(model, tok, [row])["accuracy"] == 1.0
-    wrong = {**row, "labels": row["labels"][:-1] + [(greedy[-1] + 1) % 512]}
-    assert evaluate(model, tok, [wrong])["accuracy"] == 0.0
+    right = evaluate(model, tok, [row])
+    assert right["accuracy"] == 1.0 and right["token accuracy"] == 1.0
+    wrong = evaluate(model, tok, [{**row, "labels": row["labels"][:-1] + [(greedy[-1] + 1) % 512]}])
+    assert wrong["accuracy"] == 0.0  # one wrong token fails the whole answer, but only that token's share
+    assert wrong["token accuracy"] == pytest.approx((len(greedy) - 1) / len(greedy))
     assert generate_answers(model, tok, [prompt], max_new_tokens=4) == [tok.decode(greedy).strip()]
 
 
