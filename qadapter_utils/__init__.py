@@ -16,7 +16,7 @@ _EXPORTS = {
     "ModelLoadError": "models", "SHAPES": "models",
     "footprint": "weights", "dequantized_weight": "weights",
     "add_adapter": "methods", "trainable_summary": "methods", "PRESETS": "methods", "DESCRIPTIONS": "methods",
-    "adapter_config": "methods", "save_adapter": "methods", "load_adapter": "methods",
+    "adapter_config": "methods", "add_fusion": "methods", "save_adapter": "methods", "load_adapter": "methods",
     "AdapterMethodError": "methods",
     "weight_memory": "quant", "bits_per_param": "quant", "measured_weight_memory": "quant",
     "merge_lora": "merge",

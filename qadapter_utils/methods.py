@@ -21,6 +21,7 @@ Introduced in notebooks/04_adapters_on_quantized.ipynb. Needs qadapter_utils.gua
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from pathlib import Path
@@ -417,8 +418,12 @@ def add_adapter(model, method: str | AdapterConfig, name: str | None = None, *, 
     _init(model)
     if any(isinstance(part, PrefixTuningConfig) for part in _components(config)):
         _prefix_needs_eager_attention(model)
+    # a model on the meta device (shapes only, e.g. to count parameters) gets meta adapter weights: initialising
+    # real ones first would cost minutes for some methods on a 7B shape (LoReFT's orthogonal matrices)
+    on_meta = model.get_input_embeddings().weight.device.type == "meta"
     try:
-        model.add_adapter(name, config=config)
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            model.add_adapter(name, config=config)
         model.train_adapter(name)
         model.train()  # train_adapter sets only the inner model to train mode; the Trainer and checks read the top
         _place(model, name, adapter_dtype)
@@ -429,6 +434,43 @@ def add_adapter(model, method: str | AdapterConfig, name: str | None = None, *, 
     _gradient_checkpointing(model, gradient_checkpointing)
     _keep_trainable(model)
     return name
+
+
+def add_fusion(model, *adapter_names: str, adapter_dtype="auto", **config_overrides):
+    """AdapterFusion over adapters already trained on `model`; return the `Fuse` composition, active and set to
+    train. What it does beyond adapters' `add_adapter_fusion(Fuse(*names))` + `train_adapter_fusion(...)` (which
+    freeze the base and the adapters; only the fusion layers train): the fusion layers go to the model's device in
+    fp32 (adapter_dtype="auto") with their inputs cast to fp32 and outputs back, as add_adapter does for adapters
+    (the fp16 gradient scaler refuses fp16 weights; in the compute dtype a T4 run fails at its first step), and
+    the model is put in train mode; layers where none of the fused adapters sits (their leave_out) get no fusion
+    layer. config_overrides go to adapters' `AdapterFusionConfig.load("dynamic", ...)`, e.g. temperature=True.
+    (05_training)"""
+    from adapters import AdapterFusionConfig
+    from adapters.composition import Fuse
+
+    missing = [n for n in adapter_names if n not in getattr(model, "adapters_config", ())]
+    if len(adapter_names) < 2 or missing:
+        raise AdapterMethodError(f"AdapterFusion combines two or more adapters already on the model; "
+                                 f"{'missing: ' + ', '.join(map(repr, missing)) if missing else 'got fewer than two'}"
+                                 f" (add and train them first with add_adapter)")
+    fusion = Fuse(*adapter_names)
+    model.add_adapter_fusion(fusion, config=AdapterFusionConfig.load("dynamic", **config_overrides))
+    # adapters 1.3.0 puts a fusion layer into every layer, also where none of the fused adapters sits (leave_out):
+    # it never runs there but would be trained, with optimizer state (3 x hidden² weights each: 50M on a 7B)
+    for module in model.modules():
+        fusion_layers = getattr(module, "adapter_fusion_layer", None)
+        if (fusion_layers is not None and fusion.name in fusion_layers
+                and not set(adapter_names) & set(getattr(module, "adapters", {}))):
+            del fusion_layers[fusion.name]
+    model.train_adapter_fusion(fusion)
+    model.train()
+    dtype = torch.float32 if adapter_dtype in (None, "auto") else adapter_dtype
+    model.adapter_fusion_to(fusion, device=model.get_input_embeddings().weight.device, dtype=dtype)
+    model_dtype = compute_dtype(model)
+    for path, module in model.named_modules():
+        if path.endswith(f"adapter_fusion_layer.{fusion.name}"):
+            _install_cast_hooks(module, dtype, model_dtype)
+    return fusion
 
 
 def _keep_trainable(model) -> None:

@@ -8,6 +8,7 @@ Introduced in notebooks/00_setup.ipynb and notebooks/02_loading_quantized.ipynb.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -137,8 +138,9 @@ def load_model(name: str = "tiny", bits: int | None = None, quant_type: str = "n
         _check_weights_fit(name, AutoConfig.from_pretrained(path), bits, quant_type, double_quant, dtype,
                            _free_gpu_bytes(gpu), f"GPU {gpu} ({torch.cuda.get_device_name(gpu)})")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config, dtype=dtype,
-                                                     device_map=device_map)
+        with quantize_4bit_where_read():
+            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config, dtype=dtype,
+                                                         device_map=device_map)
         tokenizer = AutoTokenizer.from_pretrained(TINY_DIR if name.startswith("random:") else path)
     except OSError as err:  # config resolved, but weights or tokenizer could not be fetched
         raise _hub_error(name, err) from err
@@ -154,6 +156,40 @@ def load_model(name: str = "tiny", bits: int | None = None, quant_type: str = "n
         keep_4bit_layers_trainable(model)
     model.qadapter_name = name
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def quantize_4bit_where_read():
+    """While loading a 4-bit model: quantize each weight on the device transformers read it onto.
+
+    transformers 4.57 reads every weight of a checkpoint straight onto the target GPU; its 4-bit bitsandbytes
+    quantizer then copies it back to the CPU (`param_value.to("cpu")` in `create_quantized_param`) only for
+    bitsandbytes to copy it up again and quantize it there: Llama-2-7B's 13 GB cross PCIe twice more, most of a
+    4-bit load's time (benchmarks/load_4bit.py measures it). Inside this context the weight is handed to
+    `bitsandbytes.nn.Params4bit` where it is; the packed weights and quantization states are byte-identical
+    (tests/test_models.py; on a GPU, benchmarks/load_4bit.py). Pre-quantized checkpoints, Conv1D layers and sharded
+    (device-mesh) loads keep transformers' own path. (02_loading_quantized)"""
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    original = Bnb4BitHfQuantizer.create_quantized_param
+
+    def create_quantized_param(self, model, param_value, param_name, target_device, **kwargs):
+        import bitsandbytes as bnb
+        from transformers.pytorch_utils import Conv1D
+        from transformers.quantizers.quantizers_utils import get_module_from_name
+
+        module, tensor_name = get_module_from_name(model, self.get_param_name(param_name))
+        if self.pre_quantized or kwargs or issubclass(getattr(module, "source_cls", object), Conv1D):
+            return original(self, model, param_value, param_name, target_device, **kwargs)
+        settings = {k: v for k, v in getattr(module, tensor_name).__dict__.items() if k != "_is_hf_initialized"}
+        module._parameters[tensor_name] = bnb.nn.Params4bit(param_value, requires_grad=False,
+                                                            **settings).to(target_device)
+
+    Bnb4BitHfQuantizer.create_quantized_param = create_quantized_param
+    try:
+        yield
+    finally:
+        Bnb4BitHfQuantizer.create_quantized_param = original
 
 
 def _unreadable_weights(name: str, path, err: Exception) -> ModelLoadError:

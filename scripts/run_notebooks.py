@@ -9,8 +9,9 @@ notebook whether it passed (or its first error), its wall time and its peak GPU 
 weights: no download, same memory and speed). Set QADAPTER_MODEL to a hub id to run real weights.
 
 --t4 (a stand-in for the GPU most learners have): inside the kernel and every process it starts, PyTorch's
-allocator is capped at what a T4 gives PyTorch (14.75 GiB), `torch.cuda.get_device_properties(...).total_memory`
-and `torch.cuda.mem_get_info()` report that capacity, and `torch.cuda.is_bf16_supported()` answers False, so the
+device reports a T4's 14.75 GiB (`torch.cuda.get_device_properties(...).total_memory`, `torch.cuda.mem_get_info()`),
+PyTorch's allocator is capped at that less the 0.6 GiB a CUDA context holds on a T4 (14.15 GiB: on the stand-in
+the context lives outside the cap, on a T4 inside those 14.75 GiB), and `torch.cuda.is_bf16_supported()` answers False, so the
 notebooks take the fp16 path `env.default_compute_dtype()` chooses on a T4. What it cannot stand in for: a T4's
 speed (the T4 time is estimated from the measured fp16 matrix rate, see `t4_minutes`) and its missing
 flash-attention kernels.
@@ -35,6 +36,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 T4_TOTAL_GIB = 14.75  # what torch.cuda.get_device_properties(0).total_memory reports on a T4 (memory.GPUS["T4"])
+# On a T4 the CUDA context takes its share of those 14.75 GiB; on the stand-in it sits outside the allocator's cap.
+# So the cap leaves it out: the project's own figure for it (memory.CUDA_CONTEXT_GIB, also what memory.fits adds).
+T4_CONTEXT_GIB = 0.6
 T4_FP16_TFLOPS = 65.0  # a T4's dense fp16 tensor-core rate (NVIDIA's datasheet), the divisor of the T4 estimate
 
 # Runs first in every Python process of the kernel's tree (PYTHONPATH reaches them): records the peak of PyTorch's
@@ -47,7 +51,8 @@ SITECUSTOMIZE = textwrap.dedent('''
         import torch
         if not torch.cuda.is_available():
             return
-        cap_gib = float(os.environ.get("QADAPTER_T4_GIB") or 0)
+        cap_gib = float(os.environ.get("QADAPTER_T4_GIB") or 0)  # what the T4 reports as its total memory
+        context_gib = float(os.environ.get("QADAPTER_T4_CONTEXT_GIB") or 0)  # the part its CUDA context holds
         peak = {"allocated": 0, "reserved": 0}
         reset = torch.cuda.reset_peak_memory_stats
 
@@ -85,10 +90,11 @@ SITECUSTOMIZE = textwrap.dedent('''
                 return f"{self._real!r} (a T4 stand-in: {cap_gib} GiB, no bf16)"
 
         torch.cuda.get_device_properties = lambda device=None: T4Properties(props(device))
-        torch.cuda.mem_get_info = lambda device=None: (max(0, cap - torch.cuda.memory_reserved(device)), cap)
+        usable = cap - int(context_gib * 2**30)  # what PyTorch's allocator can get on a T4
+        torch.cuda.mem_get_info = lambda device=None: (max(0, usable - torch.cuda.memory_reserved(device)), cap)
         torch.cuda.is_bf16_supported = lambda including_emulation=True: False
         for device in range(torch.cuda.device_count()):
-            torch.cuda.set_per_process_memory_fraction(cap / props(device).total_memory, device)
+            torch.cuda.set_per_process_memory_fraction(usable / props(device).total_memory, device)
 
     if os.environ.get("QADAPTER_T4_GIB") or os.environ.get("QADAPTER_PEAK_FILE"):
         _qadapter_standin()
@@ -241,9 +247,9 @@ def run_one(path: Path, args, stand_in: Path, watch_device: bool) -> dict:
                MPLBACKEND="module://matplotlib_inline.backend_inline", TOKENIZERS_PARALLELISM="false",
                PYTHONHASHSEED="0")
     if args.t4:
-        env["QADAPTER_T4_GIB"] = str(T4_TOTAL_GIB)
+        env["QADAPTER_T4_GIB"], env["QADAPTER_T4_CONTEXT_GIB"] = str(T4_TOTAL_GIB), str(T4_CONTEXT_GIB)
     else:
-        env.pop("QADAPTER_T4_GIB", None)
+        env.pop("QADAPTER_T4_GIB", None), env.pop("QADAPTER_T4_CONTEXT_GIB", None)
     command = [sys.executable, __file__, "--one", str(path), "--out", str(args.out),
                "--cell-timeout", str(args.cell_timeout)] + (["--watch-device"] if watch_device else [])
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -255,10 +261,13 @@ def run_one(path: Path, args, stand_in: Path, watch_device: bool) -> dict:
     return row
 
 
-def t4_minutes(seconds: float, rate: float | None) -> float | None:
+def t4_minutes(seconds: float, rate: float | None, peak_allocated_gib: float | None = None) -> float | None:
     """Estimated minutes on a T4: the wall time scaled by (this GPU's measured fp16 rate / a T4's 65 TFLOP/s).
-    Everything is scaled, loading and Python overhead included, so this errs on the long side for those parts."""
-    return None if rate is None else round(seconds * rate / T4_FP16_TFLOPS / 60, 1)
+    Everything is scaled, loading and Python overhead included, so this errs on the long side for those parts.
+    A notebook that allocated no GPU memory ran on the CPU: its time is not scaled."""
+    if rate is None:
+        return None
+    return round(seconds / 60 * (1 if peak_allocated_gib == 0 else rate / T4_FP16_TFLOPS), 1)
 
 
 def write_table(rows: list[dict], meta: dict, out_dir: Path) -> None:
@@ -308,7 +317,8 @@ def main(argv=None) -> int:
     stand_in = Path(tempfile.mkdtemp(prefix="qadapter-runner-"))
     (stand_in / "sitecustomize.py").write_text(SITECUSTOMIZE)
     meta = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU", "t4": args.t4,
-            "mode": (f"T4 stand-in ({T4_TOTAL_GIB} GiB, fp16)" if args.t4 else "as is")
+            "mode": (f"T4 stand-in ({T4_TOTAL_GIB} GiB, of which {T4_CONTEXT_GIB} GiB for the CUDA context: "
+                     f"PyTorch's allocator capped at {T4_TOTAL_GIB - T4_CONTEXT_GIB:.2f} GiB; fp16)" if args.t4 else "as is")
                     + (f", {args.jobs} notebooks at a time" if args.jobs > 1 else ""),
             "model": os.environ.get("QADAPTER_MODEL") or "qu.default_model()", "fp16_tflops": rate,
             "command": "python scripts/run_notebooks.py " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -322,7 +332,7 @@ def main(argv=None) -> int:
             row = run_one(path, args, stand_in, watch_device=alone)
             print(f"   {path.name} {row['status']} in {row['seconds']:.0f} s, peak reserved "
                   f"{row['peak_reserved_gib']} GiB{', ' + row['error'] if row['error'] else ''}", flush=True)
-        rows[path] = dict(row, t4_minutes=t4_minutes(row["seconds"], rate))
+        rows[path] = dict(row, t4_minutes=t4_minutes(row["seconds"], rate, row["peak_allocated_gib"]))
         write_table([rows[p] for p in paths if p in rows], meta, args.out)
 
     run(paths[0], alone=True)  # alone: it builds what the others share (e.g. a random checkpoint on disk)

@@ -11,6 +11,7 @@ from qadapter_utils.methods import (
     AdapterMethodError,
     adapter_config,
     add_adapter,
+    add_fusion,
     load_adapter,
     save_adapter,
     trainable_summary,
@@ -288,3 +289,38 @@ def test_turning_checkpointing_off_removes_the_input_grad_hooks():
                    for h in embedding._forward_hooks.values())
     out = embedding(torch.tensor([[1, 2, 3]]))
     assert not out.requires_grad
+
+
+def test_add_fusion_trains_only_fp32_fusion_layers_on_a_half_precision_base():
+    model, tok = load_model("tiny", bits=4, compute_dtype=torch.bfloat16)
+    for task in ("home", "work"):
+        add_adapter(model, "seq_bn", name=task)
+    with pytest.raises(AdapterMethodError, match="two or more"):
+        add_fusion(model, "home")
+    with pytest.raises(AdapterMethodError, match="missing: 'play'"):
+        add_fusion(model, "home", "play")
+    fusion = add_fusion(model, "home", "work")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("adapter_fusion_layer.home,work" in n for n in trainable)
+    assert {p.dtype for p in trainable.values()} == {torch.float32} and model.training
+    batch = tok(["Ada lives in Ashford."], return_tensors="pt")
+    out = model(**batch, labels=batch.input_ids)   # no autocast: the cast hooks bridge bf16 and fp32
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+    assert model.active_adapters == fusion
+
+
+def test_add_fusion_only_where_the_fused_adapters_sit():
+    model, tok = load_model("tiny", bits=4)
+    last = model.config.num_hidden_layers - 1
+    for task in ("home", "work"):
+        add_adapter(model, "seq_bn", name=task, leave_out=list(range(last)))   # the last layer only
+    add_fusion(model, "home", "work")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    hidden = model.config.hidden_size
+    assert {n.split(".")[2] for n in trainable} == {str(last)}
+    assert sum(p.numel() for p in trainable.values()) == 3 * hidden * hidden + 2 * hidden  # query, key, value
+    batch = tok(["Ada lives in Ashford."], return_tensors="pt")
+    model(**batch, labels=batch.input_ids).loss.backward()
+    assert all(p.grad is not None for p in trainable.values())

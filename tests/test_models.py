@@ -34,6 +34,40 @@ def test_tiny_4bit_layers_are_linear4bit(quant_type, double_quant):
     assert type(model.lm_head) is torch.nn.Linear  # kept in higher precision
 
 
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+def test_quantizing_where_read_gives_transformers_bytes(quant_type, double_quant, monkeypatch):
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    config = models.bnb_config(4, quant_type, double_quant, torch.float32)
+    stock_method = Bnb4BitHfQuantizer.create_quantized_param
+    stock = AutoModelForCausalLM.from_pretrained(models.TINY_DIR, quantization_config=config, dtype=torch.float32)
+    calls = []
+    with models.quantize_4bit_where_read():
+        patched_method = Bnb4BitHfQuantizer.create_quantized_param
+        monkeypatch.setattr(Bnb4BitHfQuantizer, "create_quantized_param",
+                            lambda *a, **k: calls.append(1) or patched_method(*a, **k))
+        ours = AutoModelForCausalLM.from_pretrained(models.TINY_DIR, quantization_config=config, dtype=torch.float32)
+        monkeypatch.undo()
+    assert Bnb4BitHfQuantizer.create_quantized_param is stock_method  # restored on leaving
+    assert patched_method is not stock_method and len(calls) == len(_linears(ours)) == 4 * 7
+
+    def state_tensors(state):
+        nested = state.state2 if state.nested else None
+        return [state.absmax, state.code] + ([nested.absmax, nested.code, state.offset] if nested else [])
+
+    for a, b in zip(_linears(stock), _linears(ours)):
+        assert type(a.weight) is type(b.weight) and a.weight.bnb_quantized and b.weight.bnb_quantized
+        assert torch.equal(a.weight.data, b.weight.data)  # the packed 4-bit codes
+        sa, sb = a.weight.quant_state, b.weight.quant_state
+        assert (sa.shape, sa.blocksize, sa.quant_type, sa.dtype, sa.nested) == (sb.shape, sb.blocksize,
+                                                                                 sb.quant_type, sb.dtype, sb.nested)
+        assert all(torch.equal(x, y) for x, y in zip(state_tensors(sa), state_tensors(sb)))
+    batch = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.equal(stock(batch).logits, ours(batch).logits)
+
+
 def test_tiny_8bit_layers_are_linear8bitlt():
     model, _ = load_model("tiny", bits=8)
     assert all(isinstance(m, bnb.nn.Linear8bitLt) for m in _linears(model))

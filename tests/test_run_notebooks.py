@@ -53,3 +53,12 @@ def test_t4_stand_in_refuses_a_machine_without_cuda(tmp_path):
     done = subprocess.run([sys.executable, str(RUNNER), "--t4", "--only", "00", "--out", str(tmp_path)],
                           env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "make run" in done.stderr and not (tmp_path / "results.json").exists()
+
+
+def test_t4_estimate_scales_gpu_notebooks_by_the_measured_rate_and_leaves_cpu_ones():
+    sys.path.insert(0, str(RUNNER.parent))
+    import run_notebooks
+
+    assert run_notebooks.t4_minutes(60, 650.0, peak_allocated_gib=3.5) == 10.0   # 650 / 65 TFLOP/s: 10x slower
+    assert run_notebooks.t4_minutes(60, 650.0, peak_allocated_gib=0) == 1.0      # ran on the CPU: as measured
+    assert run_notebooks.t4_minutes(60, None) is None                             # rate not measured (no GPU)
