@@ -1,0 +1,37 @@
+"""Where the memory of adapter training goes: measure it, estimate it without a GPU, plan what fits.
+
+    report = profile_training_step(model, batch)                  # memory after each phase of one training step
+    measured = measure_training_memory(model, batch_size=4, seq_len=512)["peak_allocated"]
+    estimate = estimate_training_memory("llama2-7b", bits=4, adapter="lora", batch_size=4, seq_len=512)
+    estimate.total, estimate.table()                              # bytes, and the breakdown term by term
+    fits("llama2-7b", "T4", adapter="lora", batch_size=1, seq_len=2048)
+    max_batch_size("T4", "llama2-7b", seq_len=1024), max_seq_len("T4", "llama2-7b", batch_size=1)
+
+Three modules, one per question, each with its own docstring; this package names their public functions, so
+`from qadapter_utils import memory; memory.fits(...)` reaches all of them:
+
+- measure.py: the memory of real training steps, phase by phase (CUDA allocator statistics on a GPU, the torch
+  profiler's allocation events on the CPU). Imports no sibling.
+- estimate.py: the peak of a training step predicted term by term from the model's shape (no weights, no GPU);
+  checked against GPU measurements in tests/test_memory.py. Imports no sibling.
+- plan.py: what fits on a GPU (estimate + safety margin + CUDA context vs the GPU's memory). Imports estimate.
+
+Introduced in notebooks/07_memory_profiling.ipynb. Needs qadapter_utils.quant (weight bytes); preset adapter
+names are resolved through qadapter_utils.methods when it is importable, else through adapters' own names.
+"""
+from __future__ import annotations
+
+from qadapter_utils.memory.estimate import (CUBLAS_WORKSPACE, GiB, MemoryEstimate, MiB, count_adapter_params,
+                                            estimate_for_row, estimate_training_memory, layer_activations)
+from qadapter_utils.memory.measure import (MemoryProfile, make_optimizer, measure_training_memory,
+                                           profile_training_step, random_batch, tensor_bytes)
+from qadapter_utils.memory.plan import (CUDA_CONTEXT_GIB, GPUS, SAFETY_MARGIN, FitReport, fits, max_batch_size,
+                                        max_seq_len)
+
+__all__ = [
+    "CUBLAS_WORKSPACE", "CUDA_CONTEXT_GIB", "GPUS", "GiB", "MiB", "SAFETY_MARGIN",
+    "FitReport", "MemoryEstimate", "MemoryProfile",
+    "count_adapter_params", "estimate_for_row", "estimate_training_memory", "fits", "layer_activations",
+    "make_optimizer", "max_batch_size", "max_seq_len", "measure_training_memory", "profile_training_step",
+    "random_batch", "tensor_bytes",
+]

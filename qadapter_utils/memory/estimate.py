@@ -1,0 +1,726 @@
+"""Estimating: the peak memory of a training step from the model's shape alone (no weights, no GPU).
+
+    estimate = estimate_training_memory("llama2-7b", bits=4, adapter="lora", batch_size=4, seq_len=512)
+    estimate.total, estimate.table()                              # bytes, and the breakdown term by term
+    layer_activations("llama2-7b", batch_size=1, seq_len=512)    # what one decoder layer keeps for backward
+
+`estimate_training_memory` predicts the peak `torch.cuda.max_memory_allocated()` term by term, from how
+transformers 4.57 / adapters 1.3 / bitsandbytes 0.50 actually run a training step: SDPA attention (cuDNN / flash
+kernels: no seq x seq matrix; eager attention, which add_adapter uses for prefix tuning, keeps the
+probabilities), RMSNorm saving its fp32 input, the 4-bit matmul saving no activation (it dequantizes the weight
+again in backward), the 8-bit matmul keeping its input and the LLM.int8() outlier columns in its ctx where
+checkpointing cannot drop them, the fp32 upcast of the logits in the loss (log-softmax output kept, 3 fp32
+seq x vocab tensors alive in its backward), what non-reentrant gradient checkpointing keeps (each layer's input)
+and recomputes (one layer), adapter weights in fp32 with casts at their edges as
+`qadapter_utils.methods.add_adapter` places them, the optimizer's states and step temporaries, the cuBLAS
+workspace and the CUDA caching allocator's rounding. The formulas are shown in notebooks/07_memory_profiling.ipynb;
+tests/test_memory.py checks the estimator against the peaks measured on GPUs (benchmarks/results/memory_*.json,
+written by benchmarks/memory_sweep.py: all 93 rows within 3%) and its activation terms against the tensors
+autograd saves.
+
+How bytes are counted is an input of each estimate, carried in a frozen `_Step` (device="cuda": the caching
+allocator's rounding per tensor; "cpu": exact tensor bytes), not module state.
+
+Holds estimate_training_memory, MemoryEstimate, layer_activations, count_adapter_params and estimate_for_row.
+Imports no sibling; needs qadapter_utils.quant (weight bytes), and resolves preset adapter names through
+qadapter_utils.methods when it is importable, else through adapters' own names. Introduced in
+notebooks/07_memory_profiling.ipynb.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from qadapter_utils.quant import weight_memory
+
+GiB = 2**30
+MiB = 2**20
+#: cuBLAS + cuBLASLt workspaces PyTorch allocates (through its caching allocator, so they count in
+#: max_memory_allocated) at the first matmul: 32 MiB each on Hopper GPUs (H100/H200), less on older ones.
+CUBLAS_WORKSPACE = 64 * MiB
+
+_OPTIMIZERS = (  # the optimizers whose states and step temporaries _optimizer_bytes models
+    "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
+_DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+
+
+def _dtype_bytes(dtype) -> int:
+    if isinstance(dtype, torch.dtype):
+        return torch.empty(0, dtype=dtype).element_size()
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r} is not supported: use 'bfloat16', 'float16', 'float32' or a torch dtype")
+    return _DTYPE_BYTES[dtype]
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return {4: torch.float32, 2: torch.bfloat16}[_dtype_bytes(dtype)] if dtype not in ("float16", "fp16") \
+        else torch.float16
+
+
+def _resolve_config(config):
+    """A transformers config from a config object or a shape name of qadapter_utils.models.SHAPES."""
+    if isinstance(config, str):
+        name = config.split(":", 1)[1] if config.startswith("random:") else config
+        try:
+            from qadapter_utils.models import model_config
+        except ImportError as err:  # qadapter_utils/memory/ copied alone
+            raise ValueError(f"config={config!r}: pass a transformers config (e.g. LlamaConfig(...)); shape names "
+                             f"need qadapter_utils.models") from err
+        return model_config(name)
+    needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [k for k in needed if not hasattr(config, k)]
+    if missing:
+        raise ValueError(f"config lacks {missing}: pass a decoder config such as LlamaConfig / MistralConfig or a "
+                         f"shape name like 'llama2-7b'")
+    if getattr(config, "model_type", None) not in ("llama", "mistral"):
+        warnings.warn(f"the estimator models Llama/Mistral decoders (RMSNorm, SwiGLU MLP, where adapters wraps "
+                      f"their layers); {getattr(config, 'model_type', type(config).__name__)!r} may differ",
+                      stacklevel=3)
+    return config
+
+
+def _resolve_adapter(adapter):
+    """An `adapters` config object from a preset name (qadapter_utils.methods.PRESETS), an adapters config name
+    ('seq_bn', 'prefix_tuning', ...), a dict (AdapterConfig.to_dict()) or a config object."""
+    from adapters.configuration.adapter_config import AdapterConfig
+
+    if isinstance(adapter, AdapterConfig):
+        return adapter
+    if isinstance(adapter, str):
+        try:
+            from qadapter_utils.methods import PRESETS, adapter_config
+
+            if adapter.strip().lower().replace("-", "_") in PRESETS:
+                return adapter_config(adapter)
+        except ImportError:  # qadapter_utils/memory/ copied alone: adapters' own names still work
+            pass
+    if isinstance(adapter, (str, dict)):
+        try:
+            return AdapterConfig.load(adapter)
+        except Exception as err:
+            raise ValueError(f"adapter={adapter!r} is neither a preset of qadapter_utils.methods.PRESETS nor an "
+                             f"adapters config name: pass e.g. 'lora', 'lora_all', 'prefix', 'seq_bn', 'par_bn' or "
+                             f"adapters.LoRAConfig(r=8)") from err
+    raise ValueError(f"adapter must be a preset name or an adapters config object, got {type(adapter).__name__}")
+
+
+def _components(config) -> list:
+    from adapters import ConfigUnion
+
+    return list(config.configs) if isinstance(config, ConfigUnion) else [config]
+
+
+@dataclass(frozen=True)
+class _Shape:
+    h: int
+    i: int
+    L: int
+    nh: int
+    nkv: int
+    hd: int
+    V: int
+    tied: bool
+
+    @classmethod
+    def of(cls, config) -> "_Shape":
+        nh = config.num_attention_heads
+        hd = getattr(config, "head_dim", None) or config.hidden_size // nh
+        return cls(h=config.hidden_size, i=config.intermediate_size, L=config.num_hidden_layers, nh=nh,
+                   nkv=getattr(config, "num_key_value_heads", None) or nh, hd=hd, V=config.vocab_size,
+                   tied=bool(getattr(config, "tie_word_embeddings", False)))
+
+
+def _blk(nbytes: float, cuda: bool) -> int:
+    """Bytes one tensor of `nbytes` counts for. cuda: what the CUDA caching allocator counts: requests are rounded
+    to 512 bytes, and a large one (> 1 MiB) gets a whole block rounded to 2 MiB when the rest would be under 1 MiB
+    (the allocator does not split off remainders that small). Else (estimating for the CPU) the exact bytes."""
+    nbytes = int(math.ceil(nbytes))
+    if nbytes <= 0:
+        return 0
+    if not cuda:
+        return nbytes
+    small = -(-nbytes // 512) * 512
+    if nbytes <= MiB:
+        return small
+    large = -(-nbytes // (2 * MiB)) * (2 * MiB)
+    return large if large - nbytes < MiB else small
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What the sizes of a training step's tensors follow from: the model's shape, the adapter's parts, the batch,
+    the bytes per element of the compute dtype (e) and of the adapter weights (ea), the quantization, the
+    attention kernel, and how bytes are counted (cuda: the caching allocator's rounding; else exact bytes)."""
+    shape: _Shape
+    parts: tuple
+    b: int
+    s: int
+    bits: int | None
+    e: int
+    ea: int
+    int8_outliers: float
+    eager: bool
+    cuda: bool
+
+    @classmethod
+    def of(cls, shape: _Shape, parts, *, batch_size: int, seq_len: int, bits, compute_dtype, adapter_dtype,
+           int8_outliers: float, attn_implementation: str, cuda: bool) -> "_Step":
+        return cls(shape=shape, parts=tuple(parts), b=batch_size, s=seq_len, bits=bits,
+                   e=_dtype_bytes(compute_dtype),
+                   ea=4 if adapter_dtype in (None, "auto") else _dtype_bytes(adapter_dtype),
+                   int8_outliers=int8_outliers, eager=attn_implementation == "eager", cuda=cuda)
+
+    @property
+    def T(self) -> int:
+        """Tokens in the batch."""
+        return self.b * self.s
+
+    @property
+    def cast(self) -> bool:
+        """Whether the adapter's weights are in another dtype than the compute dtype (casts at their edges)."""
+        return self.ea != self.e
+
+    def blk(self, nbytes: float) -> int:
+        """Bytes one tensor of `nbytes` counts for in this estimate (see `_blk`)."""
+        return _blk(nbytes, self.cuda)
+
+
+def _attention(parts, attn_implementation: str | None) -> str:
+    """The attention kernel: as given, or as `add_adapter` leaves the model: eager for prefix tuning (adapters
+    1.3.0's prefix is wrong under SDPA), SDPA otherwise."""
+    from adapters import PrefixTuningConfig
+
+    if attn_implementation is None:
+        return "eager" if any(isinstance(p, PrefixTuningConfig) for p in parts) else "sdpa"
+    return attn_implementation
+
+
+def _in_layer(part, layer: int) -> bool:
+    return layer not in set(getattr(part, "leave_out", []) or [])
+
+
+def _lora_targets(part, shape: _Shape) -> list[tuple[str, int, int]]:
+    """(name, in_features, out_features) of the linear layers adapters 1.3.0 wraps with this LoRA-type config
+    on Llama/Mistral: q/k/v ("selfattn" + attn_matrices), down_proj ("intermediate"), up_proj ("output")."""
+    out = []
+    if part.selfattn_lora:
+        dims = {"q": shape.nh * shape.hd, "k": shape.nkv * shape.hd, "v": shape.nkv * shape.hd}
+        out += [(m, shape.h, dims[m]) for m in ("q", "k", "v") if m in part.attn_matrices]
+    if part.intermediate_lora:
+        out.append(("down", shape.i, shape.h))
+    if part.output_lora:
+        out.append(("up", shape.h, shape.i))
+    return out
+
+
+def _bn_down(part, shape: _Shape, layer: int) -> int:
+    rf = part.reduction_factor
+    if isinstance(rf, dict):
+        rf = rf.get(str(layer), rf.get("default"))
+    return max(1, int(shape.h // rf))
+
+
+def _bn_locations(part) -> list[str]:
+    return [loc for loc in ("mh_adapter", "output_adapter") if part.get(loc, False)]
+
+
+def count_adapter_params(config, adapter="lora") -> int:
+    """The exact number of parameters `adapter` adds to a model of `config` (as adapters 1.3.0 builds it on
+    Llama/Mistral), without building the model. LoRA / (IA)^3 / DoRA, prefix tuning (with or without its MLP)
+    and bottleneck adapters (sequential, parallel, with layer norms, gating, learned scaling) are counted from
+    their formulas; other methods (PHM/Compacter, VeRA, ReFT, invertible adapters) on a meta-device model.
+    (07_memory_profiling)"""
+    from adapters import BnConfig, LoRAConfig, PrefixTuningConfig
+
+    config = _resolve_config(config)
+    adapter = _resolve_adapter(adapter)
+    shape = _Shape.of(config)
+    total = 0
+    for part in _components(adapter):
+        if isinstance(part, LoRAConfig) and not _is_vera(part) and part.composition_mode in ("add", "scale"):
+            for layer in range(shape.L):
+                if not _in_layer(part, layer):
+                    continue
+                for _, fin, fout in _lora_targets(part, shape):
+                    if part.composition_mode == "scale":
+                        total += fout * part.r
+                    else:
+                        total += part.r * (fin + fout) + (fout if part.use_dora else 0)
+                    total += (fin + 1) if part.use_gating else 0
+        elif isinstance(part, PrefixTuningConfig):  # decoder-only: cross_prefix has no cross-attention to act on
+            layers = sum(_in_layer(part, layer) for layer in range(shape.L))
+            kv = layers * 2 * shape.nkv * shape.hd
+            if part.flat:
+                total += part.prefix_length * kv
+            else:
+                bn = part.bottleneck_size
+                total += part.prefix_length * shape.h + (shape.h * bn + bn) + (bn * kv + kv)
+            if part.use_gating:
+                total += layers * (shape.h + 1) * (1 if part.shared_gating else 2)
+        elif isinstance(part, BnConfig) and not part.phm_layer and not part.inv_adapter:
+            for layer in range(shape.L):
+                if not _in_layer(part, layer):
+                    continue
+                dn = _bn_down(part, shape, layer)
+                per = shape.h * dn + dn + dn * shape.h + shape.h
+                per += 2 * shape.h * (int(bool(part.ln_before)) + int(bool(part.ln_after)))
+                per += (shape.h + 1) if part.use_gating else 0
+                per += {"learned": 1, "channel": shape.h}.get(part.scaling, 0) if isinstance(part.scaling, str) else 0
+                total += per * len(_bn_locations(part))
+        else:
+            total += _count_on_meta(config, part)
+    return total
+
+
+def _is_vera(part) -> bool:
+    return isinstance(getattr(part, "vera_d", None), float) or isinstance(getattr(part, "vera_b", None), float)
+
+
+_CACHE: dict[tuple, object] = {}
+
+
+def _config_key(config) -> str:
+    return json.dumps(config.to_diff_dict(), sort_keys=True, default=str)
+
+
+def _count_on_meta(config, part) -> int:
+    """Trainable parameters of adapter config `part` added to a meta-device model of `config` (no memory)."""
+    key = ("meta", _config_key(config), json.dumps(part.to_dict(), sort_keys=True, default=str))
+    if key not in _CACHE:
+        import adapters
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):  # also for the layers adapters creates: no memory, no initialisation work
+            model = AutoModelForCausalLM.from_config(config)
+            adapters.init(model)
+            model.add_adapter("count", config=part)
+            model.train_adapter("count")
+        _CACHE[key] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return _CACHE[key]
+
+
+def _weights(config, bits, quant_type, double_quant, compute_dtype) -> dict:
+    """qadapter_utils.quant.weight_memory, cached per config and quantization."""
+    dtype = _torch_dtype(compute_dtype)
+    key = ("weights", _config_key(config), bits, quant_type, double_quant, str(dtype))
+    if key not in _CACHE:
+        _CACHE[key] = weight_memory(config, bits=bits, quant_type=quant_type, double_quant=double_quant,
+                                    compute_dtype=dtype)
+    return _CACHE[key]
+
+
+def _optimizer_bytes(optimizer: str, tensors: list[int], pbytes: int, blk) -> tuple[int, int, int]:
+    """(torch-allocated state bytes, paged state bytes outside the allocator, temporaries during step) for an
+    optimizer over trainable tensors of `tensors` elements each, parameters of `pbytes` bytes per element; blk
+    counts one tensor's bytes (`_Step.blk`)."""
+    if optimizer in ("adamw_torch", "adamw_torch_fused"):  # exp_avg, exp_avg_sq in the parameters' dtype
+        states = sum(2 * blk(n * pbytes) for n in tensors)
+        # foreach AdamW (the default on CUDA) holds one parameter-sized temporary: sqrt(exp_avg_sq)
+        return states, 0, (sum(blk(n * pbytes) for n in tensors) if optimizer == "adamw_torch" else 0)
+    if optimizer == "sgd":
+        return 0, 0, 0
+    if optimizer in ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+        paged = optimizer.startswith("paged")
+        eight = "8bit" in optimizer
+        torch_bytes = paged_bytes = 0
+        for n in tensors:
+            if eight and n >= 4096:  # uint8 states + an fp32 absmax per block of 256 (tensors >= 4096 elements)
+                states, absmax = 2 * n, 2 * blk(4 * -(-n // 256))
+            else:
+                states, absmax = 2 * 4 * n, 0
+            if paged and n >= 1e5:  # bitsandbytes pages (cudaMallocManaged) the state buffers of large tensors
+                paged_bytes += states
+                torch_bytes += absmax
+            else:
+                torch_bytes += 2 * blk(states // 2) + absmax
+        return torch_bytes, paged_bytes, 0
+    raise ValueError(f"optimizer={optimizer!r} is not supported: use one of {', '.join(_OPTIMIZERS)}")
+
+
+def _adapter_tensors(config, adapter, shape: _Shape) -> list[int]:
+    """Element counts of the trainable tensors (for the optimizer's per-tensor rules), approximately exact."""
+    from adapters import BnConfig, LoRAConfig, PrefixTuningConfig
+
+    out: list[int] = []
+    for part in _components(adapter):
+        if isinstance(part, LoRAConfig) and not _is_vera(part):
+            for layer in range(shape.L):
+                if _in_layer(part, layer):
+                    for _, fin, fout in _lora_targets(part, shape):
+                        out += [fout * part.r] if part.composition_mode == "scale" else [part.r * fin, fout * part.r]
+        elif isinstance(part, PrefixTuningConfig) and not part.flat:
+            layers = sum(_in_layer(part, layer) for layer in range(shape.L))
+            kv = layers * 2 * shape.nkv * shape.hd
+            bn = part.bottleneck_size
+            out += [part.prefix_length * shape.h, shape.h * bn, bn, bn * kv, kv]
+        elif isinstance(part, BnConfig) and not part.phm_layer:
+            for layer in range(shape.L):
+                if _in_layer(part, layer):
+                    dn = _bn_down(part, shape, layer)
+                    out += [shape.h * dn, dn, dn * shape.h, shape.h] * len(_bn_locations(part))
+        else:
+            out.append(_count_on_meta(config, part) if not isinstance(part, PrefixTuningConfig) else
+                       count_adapter_params(config, part))
+    return out
+
+
+@dataclass
+class MemoryEstimate:
+    """What `estimate_training_memory` returns: the bytes of each term at the moment of the peak, their total,
+    where the peak happens, and the inputs. (07_memory_profiling)
+
+    terms: quantized weights (+ constants), other weights (embeddings, lm_head, norms), adapter parameters,
+    gradients, optimizer states, activations (tensors saved for backward, checkpoints), logits and loss,
+    temporaries (dequantized weights, backward buffers, optimizer scratch). total = their sum = the predicted
+    `torch.cuda.max_memory_allocated()`. paged_optimizer_states: bitsandbytes paged states, held in unified memory
+    outside the PyTorch allocator (not in total; they move to CPU RAM when the GPU is full).
+    phases: the total at each candidate moment (end of forward, loss backward, first layer backward, optimizer
+    step); peak_at: the largest; phase_terms: the terms at each of those moments."""
+    terms: dict[str, int]
+    total: int
+    peak_at: str
+    phases: dict[str, int]
+    paged_optimizer_states: int = 0
+    adapter_params: int = 0
+    inputs: dict = field(default_factory=dict)
+    phase_terms: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> int:
+        return self.terms[key]
+
+    @property
+    def total_gib(self) -> float:
+        return self.total / GiB
+
+    def table(self):
+        """The terms as a pandas DataFrame (bytes and GiB), with the total as last row."""
+        import pandas as pd
+
+        rows = [{"term": k, "bytes": v, "GiB": v / GiB} for k, v in self.terms.items()]
+        rows.append({"term": "total (peak allocated)", "bytes": self.total, "GiB": self.total / GiB})
+        if self.paged_optimizer_states:
+            rows.append({"term": "paged optimizer states (outside allocator)", "bytes": self.paged_optimizer_states,
+                         "GiB": self.paged_optimizer_states / GiB})
+        return pd.DataFrame(rows).set_index("term")
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{k}={v / GiB:.2f}" for k, v in self.terms.items() if v)
+        return f"MemoryEstimate(total={self.total / GiB:.2f} GiB at {self.peak_at}: {parts} GiB)"
+
+
+@dataclass
+class _Item:
+    """One tensor kind a decoder layer keeps for backward."""
+    pos: int        # 0 input norm, 1 q/k/v, 2 attention, 3 o_proj, 4 after attention, 5 post-attn norm, 6 MLP,
+    #                 7 after MLP
+    what: str
+    nbytes: int     # allocator bytes (rounded per tensor)
+    owned: bool     # created by the adapter (kept even where the hidden state does not require grad yet)
+    escapes: bool = False  # kept outside autograd's saved tensors (bitsandbytes int8 ctx): checkpointing can't drop it
+
+
+def _layer_items(step: _Step, layer: int) -> list[_Item]:
+    """The tensors decoder layer `layer` keeps for backward in transformers 4.57 / adapters 1.3 / bitsandbytes 0.50
+    (see the module docstring and the notebook for where each comes from)."""
+    from adapters import BnConfig, LoRAConfig, PrefixTuningConfig
+
+    shape, parts, bits, eager, cast = step.shape, step.parts, step.bits, step.eager, step.cast
+    T, b, s, e, ea, blk = step.T, step.b, step.s, step.e, step.ea, step.blk
+    h, i, hq, hkv = shape.h, shape.i, shape.nh * shape.hd, shape.nkv * shape.hd
+    prefix = sum(p.prefix_length for p in parts if isinstance(p, PrefixTuningConfig) and _in_layer(p, layer))
+    norm = blk(4 * T * h) + blk(4 * T)  # RMSNorm keeps its input upcast to fp32, and the rsqrt per token
+    items = [_Item(0, "input RMSNorm: fp32 input", norm, False)]
+    shared_inputs: set[str] = set()
+    if bits == 8:  # MatMul8bitLt keeps (in ctx, not save_for_backward) each int8 matmul's input and outliers
+        items.append(_Item(1, "int8 matmul input (q/k/v)", blk(e * T * h), False, True))
+        items.append(_Item(3, "int8 matmul input (o_proj, a contiguous copy)", blk(e * T * hq), False, True))
+        items.append(_Item(6, "int8 matmul inputs (gate/up, down_proj)", blk(e * T * h) + blk(e * T * i),
+                           False, True))
+        if step.int8_outliers > 0:
+            items.append(_Item(6, "int8 outlier columns of down_proj's input",
+                               blk(e * T * round(step.int8_outliers * i)), False, True))
+        shared_inputs |= {"attn_in", "mlp_in", "down_in"}
+    kv = s + prefix
+    if eager:  # matmuls keep q, k, v (repeated to all heads) and the probabilities: fp32 softmax output + its copy
+        probs = b * shape.nh * s * kv
+        items.append(_Item(2, "eager attention: q, v, softmax output (fp32) and its copy",
+                           blk(e * T * hq) + blk(e * b * kv * hq) + blk(4 * probs)
+                           + (blk(e * probs) if e < 4 else 0), prefix > 0))
+        # k is kept only for q's gradient: not where q does not require grad yet (layer 0 with a prefix only)
+        items.append(_Item(1, "eager attention: k", blk(e * b * kv * hq), False))
+    else:  # SDPA (cuDNN / flash / memory-efficient kernels) keeps q, k, v, the output and the log-sum-exp per row
+        items.append(_Item(2, "SDPA: q, k, v, output, logsumexp",
+                           2 * blk(e * T * hq) + 2 * blk(e * b * kv * hkv) + blk(4 * b * shape.nh * s),
+                           prefix > 0))
+    items.append(_Item(5, "post-attention RMSNorm: fp32 input", norm, False))
+    items.append(_Item(6, "MLP: SiLU input, SiLU output, up_proj output", 3 * blk(e * T * i), False))
+    for part in parts:
+        if not _in_layer(part, layer):
+            continue
+        if isinstance(part, LoRAConfig) and not _is_vera(part):
+            for name, fin, fout in _lora_targets(part, shape):
+                pos = 6 if name in ("up", "down") else 1
+                key = {"down": "down_in", "up": "mlp_in"}.get(name, "attn_in")
+                if part.composition_mode == "scale":  # (IA)^3: output * vector keeps both (vector per sequence)
+                    items.append(_Item(pos, f"(IA)^3 {name}: base output and scaling vector",
+                                       blk(e * T * fout) + blk(e * b * fout), True))
+                    continue
+                if part.dropout > 0:
+                    items.append(_Item(pos, f"LoRA {name}: dropout output + mask",
+                                       blk(ea * T * fin) + blk(T * fin), True))
+                elif cast:  # add_adapter's fp32 LoRA: each module casts its input to fp32 and keeps the copy
+                    items.append(_Item(pos, f"LoRA {name}: input cast to fp32", blk(ea * T * fin), True))
+                elif key not in shared_inputs:
+                    shared_inputs.add(key)
+                    items.append(_Item(pos, f"LoRA {name}: input", blk(e * T * fin), True))
+                items.append(_Item(pos, f"LoRA {name}: x @ A", blk(ea * T * part.r), True))
+                if part.use_gating:  # output * gate keeps the LoRA output
+                    items.append(_Item(pos, f"LoRA {name}: gated output", blk(ea * T * fout), True))
+        elif isinstance(part, BnConfig):
+            for loc in _bn_locations(part):
+                pos = 4 if loc == "mh_adapter" else 7
+                dn = _bn_down(part, shape, layer)
+                act = 1 if part.non_linearity.lower() in ("relu", "tanh", "sigmoid") else 2
+                n_h = 1 + int(bool(part.ln_before)) + int(bool(part.ln_after))
+                width = ea if cast else e
+                items.append(_Item(pos, f"bottleneck {loc}: input (+ layer norms)", n_h * blk(width * T * h), True))
+                items.append(_Item(pos, f"bottleneck {loc}: activation", act * blk(width * T * dn), True))
+                if part.use_gating:  # output * gate keeps the adapter output
+                    items.append(_Item(pos, f"bottleneck {loc}: gated output", blk(width * T * h), True))
+    return items
+
+
+def _layers(step: _Step, input_requires_grad: bool) -> list[list[_Item]]:
+    """Per layer, the items it keeps. Before the first adapter, where the hidden state does not require grad
+    (no gradient checkpointing: nothing makes the embedding output require grad), only adapter-owned tensors
+    are kept."""
+    out = []
+    flowing = input_requires_grad
+    for layer in range(step.shape.L):
+        items = _layer_items(step, layer)
+        if not flowing:
+            owned = [it for it in items if it.owned]
+            first = min((it.pos for it in owned), default=None)
+            items = [it for it in items if it.owned or (first is not None and it.pos >= first)]
+            flowing = first is not None
+        out.append(items)
+    return out
+
+
+def estimate_training_memory(config="llama2-7b", *, bits: int | None = 4, quant_type: str = "nf4",
+                             double_quant: bool = True, compute_dtype="bfloat16", adapter="lora",
+                             adapter_dtype="auto", batch_size: int = 1, seq_len: int = 512,
+                             gradient_checkpointing: bool = True, optimizer: str = "adamw_torch",
+                             int8_outliers: float = 1.0, input_requires_grad: bool | None = None,
+                             attn_implementation: str | None = None, device: str = "cuda") -> MemoryEstimate:
+    """Predict the peak `torch.cuda.max_memory_allocated()` of training `adapter` on a `bits`-quantized model
+    of `config` with batches of `batch_size` x `seq_len` tokens; no GPU and no weights needed.
+
+    config: a transformers config or a shape name of qadapter_utils.models.SHAPES ("llama2-7b", "llama2-13b", ...).
+    bits: 4 (NF4/FP4, double_quant), 8 (LLM.int8()) or None (unquantized, in compute_dtype).
+    adapter: a preset name of qadapter_utils.methods.PRESETS ("lora", "lora_all", "prefix", "seq_bn", "par_bn",
+    ...) or an adapters config object. adapter_dtype: "auto" = fp32 adapter weights with casts at their edges,
+    as `qadapter_utils.methods.add_adapter` places them; or the compute dtype (no casts).
+    optimizer: adamw_torch (default of transformers' Trainer, foreach), adamw_torch_fused, adamw_8bit,
+    paged_adamw_8bit, paged_adamw_32bit, sgd.
+    int8_outliers (8-bit only): share of down_proj's input columns holding an LLM.int8() outlier (|x| > 6) in a
+    batch, which bitsandbytes keeps again for backward. 1.0 (default) is an upper bound and what random weights
+    give from ~1k tokens on; real Llama-2 weights have far fewer outlier columns.
+    input_requires_grad: whether the embedding output requires grad; None = as `add_adapter` leaves it (only with
+    gradient checkpointing). True when e.g. peft's prepare_model_for_kbit_training or an earlier
+    `enable_input_require_grads()` made it so: then layer 0 also keeps its activations.
+    attn_implementation: "sdpa" or "eager"; None = as `add_adapter` leaves the model: eager for prefix tuning
+    (adapters 1.3.0's prefix is wrong under SDPA), SDPA otherwise. Eager attention keeps the seq x (seq+prefix)
+    probabilities of every head (fp32 and a copy) for backward: it grows with the square of the sequence.
+    device: "cuda" (allocator rounding to 512 B / 2 MiB blocks and 64 MiB of cuBLAS workspace, as on Hopper
+    GPUs) or "cpu" (exact tensor bytes, for comparing with the CPU measure of `measure_training_memory`).
+    Returns a MemoryEstimate whose terms sum to the predicted peak; the formulas are in the notebook.
+    Assumes a training step as AdapterTrainer runs it: train mode, no padding (SDPA without a mask), loss from
+    the model's labels, outputs dropped before backward. (07_memory_profiling)"""
+    if bits not in (None, 4, 8):
+        raise ValueError(f"bits={bits!r}: use 4, 8 or None")
+    if not (isinstance(batch_size, int) and isinstance(seq_len, int)) or batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size={batch_size!r}, seq_len={seq_len!r}: both must be integers >= 1")
+    if optimizer not in _OPTIMIZERS and optimizer != "adamw_bnb_8bit":
+        raise ValueError(f"optimizer={optimizer!r} is not supported: use one of {', '.join(_OPTIMIZERS)}")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r}: use 'cuda' or 'cpu'")
+    config = _resolve_config(config)
+    adapter_obj = _resolve_adapter(adapter)
+    parts = _components(adapter_obj)
+    attn_implementation = _attention(parts, attn_implementation)
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"attn_implementation={attn_implementation!r}: use 'sdpa' or 'eager'")
+    step = _Step.of(_Shape.of(config), parts, batch_size=batch_size, seq_len=seq_len, bits=bits,
+                    compute_dtype=compute_dtype, adapter_dtype=adapter_dtype, int8_outliers=int8_outliers,
+                    attn_implementation=attn_implementation, cuda=device == "cuda")
+    inputs = dict(config=getattr(config, "name_or_path", "") or type(config).__name__, bits=bits,
+                  quant_type=quant_type, double_quant=double_quant, compute_dtype=str(compute_dtype),
+                  adapter=adapter if isinstance(adapter, str) else type(adapter_obj).__name__,
+                  adapter_dtype=str(adapter_dtype), batch_size=batch_size, seq_len=seq_len,
+                  gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
+                  attn_implementation=attn_implementation)
+    return _estimate(step, config, adapter_obj, quant_type=quant_type, double_quant=double_quant,
+                     compute_dtype=compute_dtype, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
+                     input_requires_grad=gradient_checkpointing if input_requires_grad is None else input_requires_grad,
+                     inputs=inputs)
+
+
+def _estimate(step: _Step, config, adapter_obj, *, quant_type: str, double_quant: bool, compute_dtype,
+              gradient_checkpointing: bool, optimizer: str, input_requires_grad: bool,
+              inputs: dict) -> MemoryEstimate:
+    """The bytes of each term at each moment a peak can happen, for the step's sizes (`step`), the model's weights
+    (`config` quantized with quant_type / double_quant, other weights in compute_dtype) and the adapter
+    (`adapter_obj`, an adapters config) trained with `optimizer`; `inputs` is recorded in the MemoryEstimate."""
+    from adapters import PrefixTuningConfig
+
+    shape, parts, bits, blk = step.shape, step.parts, step.bits, step.blk
+    b, s, e, ea = step.b, step.s, step.e, step.ea
+    T, V, h, i = step.T, shape.V, shape.h, shape.i
+    cuda_workspace = CUBLAS_WORKSPACE if step.cuda else 0
+
+    # --- what stays for the whole step: weights, adapter, optimizer states, cuBLAS workspace ------------------
+    weights = _weights(config, bits, quant_type, double_quant, compute_dtype)
+    quantized = weights["quantized_weights"] + weights["constants"] + weights["code_tables"]
+    other = weights["other_weights"] + weights["buffers"]
+    n_adapter = count_adapter_params(config, adapter_obj)
+    tensors = _adapter_tensors(config, adapter_obj, shape)
+    adapter_bytes = sum(blk(n * ea) for n in tensors)
+    opt_states, paged, opt_temp = _optimizer_bytes(optimizer, tensors, ea, blk)
+
+    # --- activations kept for backward ------------------------------------------------------------------------
+    eager = step.eager
+    layers = _layers(step, input_requires_grad)
+    size = [sum(it.nbytes for it in items) for items in layers]
+    escaping = [sum(it.nbytes for it in items if it.escapes) for items in layers]
+    recomputed = [sz - esc for sz, esc in zip(size, escaping)]  # what one layer's recomputation adds back
+    final_norm = blk(4 * T * h) + blk(4 * T)
+    rope = 2 * blk(e * s * shape.hd)  # cos / sin, shared by all layers
+    pool_saved = pool_out = 0  # prefix tuning: its MLP's saved tensors; its output, held by the forward context
+    for p in (p for p in parts if isinstance(p, PrefixTuningConfig)):
+        n_layers = sum(_in_layer(p, layer) for layer in range(shape.L))
+        pool_out += blk(e * b * p.prefix_length * n_layers * 2 * shape.nkv * shape.hd)
+        if not p.flat:
+            pool_saved += blk(ea * b * p.prefix_length * h) + blk(ea * b * p.prefix_length * p.bottleneck_size)
+    # with checkpointing the recomputation needs the prefixes, so the context (and the output) lives into backward
+    pool = pool_saved + (pool_out if gradient_checkpointing else 0)
+    hidden = blk(e * T * h)
+    if gradient_checkpointing:  # non-reentrant: each layer keeps its input (+ what escapes autograd's hooks)
+        layer_kept = [hidden + esc for esc in escaping]
+    else:
+        layer_kept = size
+    kept = sum(layer_kept) + final_norm + rope + pool
+
+    # --- logits and loss: bf16 logits, their fp32 copy (ForCausalLMLoss upcasts), log-softmax output ----------
+    logits = blk(e * T * V)
+    fp32_logits = blk(4 * T * V)
+    loss_forward = logits + (fp32_logits if e < 4 else 0) + fp32_logits
+    loss_backward = 3 * fp32_logits  # log-softmax output + nll_loss's gradient + log-softmax's input gradient
+
+    # --- a layer's backward: the gradient arriving (T x h) and, in the MLP, the gradients of SiLU's and up_proj's
+    # outputs beside their product's, or the weight dequantized for the matmul's input gradient
+    w_tmp = (blk(e * h * i) + (blk(4 * (h * i // 64)) if bits == 4 else 0)) if bits in (4, 8) else 0
+    layer_tmp = hidden + max(blk(e * T * i) + w_tmp, 3 * blk(e * T * i))
+    mask = 0
+    attn_fwd_tmp = 0
+    if eager:
+        # eager attention's backward: the probabilities' gradient (bf16, then fp32) and softmax's input gradient,
+        # when the layer's MLP tensors are already released; its forward: the masked scores before softmax and
+        # the prefix-extended mask; and transformers materialises a (seq x seq) causal mask for eager attention
+        kv = s + sum(p.prefix_length for p in parts if isinstance(p, PrefixTuningConfig))
+        probs = b * shape.nh * s * kv
+        attn_tmp = hidden + blk(4 * probs) + 2 * blk(e * probs) - 3 * blk(e * T * i) - final_norm
+        layer_tmp = max(layer_tmp, attn_tmp)
+        attn_fwd_tmp = 2 * blk(e * probs) + blk(e * b * s * kv)
+        mask = blk(e * b * s * s)
+        if gradient_checkpointing:  # an input of every checkpointed layer: kept until backward ends
+            kept += mask
+    # --- the last layer's forward MLP (matters for 8-bit without checkpointing): LLM.int8()'s mixed matmul of
+    # down_proj holds an fp16 copy of its input, the int8 codes, the outlier weight columns dequantized (int8,
+    # fp32, fp16) and an int32 product beside the output
+    if bits == 8:
+        n_out = round(step.int8_outliers * i)
+        fwd_tmp = blk(2 * T * i) + blk(T * i) + blk(h * n_out) + blk(4 * h * n_out) + blk(2 * h * n_out) \
+            + blk(4 * T * h) + hidden
+    elif bits == 4:
+        fwd_tmp = blk(e * T * i) + (w_tmp if T > 1536 else 0) + hidden  # product, dequantized weight, output
+    else:
+        fwd_tmp = blk(e * T * i) + hidden
+    fwd_tmp = max(fwd_tmp, attn_fwd_tmp) + (0 if gradient_checkpointing else mask)
+    grads_all = adapter_bytes
+    grads_layer = adapter_bytes // shape.L
+    embedding_leaf = hidden if input_requires_grad else 0  # made to require grad: AccumulateGrad keeps it
+
+    static = {"quantized weights": quantized, "other weights": other, "adapter parameters": adapter_bytes,
+              "optimizer states": opt_states}
+
+    def phase(grads, activations, logit_bytes, temporaries):
+        return dict(static, **{"gradients": grads, "activations": activations, "logits and loss": logit_bytes,
+                               "temporaries": temporaries, "cuBLAS workspace": cuda_workspace})
+
+    candidates = {
+        "end of forward (loss)": phase(0, kept + (0 if gradient_checkpointing else pool_out), loss_forward, 0),
+        "loss backward": phase(0, kept, loss_backward, 0),
+        "first layer backward": phase(grads_layer, kept - final_norm + (recomputed[-1] if gradient_checkpointing
+                                                                      else 0), 0, layer_tmp),
+        "last layer backward": phase(grads_all, layer_kept[0] + (recomputed[0] if gradient_checkpointing else 0)
+                                     + (0 if gradient_checkpointing else embedding_leaf) + rope + pool, 0,
+                                     layer_tmp),
+        "optimizer step": phase(grads_all, 0, 0, opt_temp),
+    }
+    if not gradient_checkpointing:
+        kept += embedding_leaf  # without checkpointing the embedding output is no layer's input copy
+        for name in ("end of forward (loss)", "loss backward", "first layer backward"):
+            candidates[name]["activations"] += embedding_leaf
+        candidates["last layer forward (MLP)"] = phase(0, kept - final_norm + (0 if embedding_leaf else hidden)
+                                                       + pool_out, 0, fwd_tmp)
+    phases = {k: sum(v.values()) for k, v in candidates.items()}
+    peak_at = max(phases, key=phases.get)
+    return MemoryEstimate(terms=candidates[peak_at], total=phases[peak_at], peak_at=peak_at, phases=phases,
+                          paged_optimizer_states=paged, adapter_params=n_adapter, inputs=inputs,
+                          phase_terms=candidates)
+
+
+def layer_activations(config="llama2-7b", *, bits: int | None = 4, compute_dtype="bfloat16", adapter="lora",
+                      adapter_dtype="auto", batch_size: int = 1, seq_len: int = 512,
+                      attn_implementation: str | None = None, int8_outliers: float = 1.0):
+    """What one (middle) decoder layer keeps for backward, as the estimator counts it: a pandas DataFrame with one
+    row per tensor kind (where in the layer, bytes, bytes per token, whether gradient checkpointing drops it).
+    Exact tensor bytes (no allocator rounding). (07_memory_profiling)"""
+    import pandas as pd
+
+    config = _resolve_config(config)
+    parts = _components(_resolve_adapter(adapter))
+    shape = _Shape.of(config)
+    step = _Step.of(shape, parts, batch_size=batch_size, seq_len=seq_len, bits=bits, compute_dtype=compute_dtype,
+                    adapter_dtype=adapter_dtype, int8_outliers=int8_outliers,
+                    attn_implementation=_attention(parts, attn_implementation), cuda=False)
+    items = _layer_items(step, shape.L // 2)
+    where = {0: "input norm", 1: "q/k/v", 2: "attention", 3: "o_proj", 4: "after attention", 5: "post-attn norm",
+             6: "MLP", 7: "after MLP"}
+    rows = [{"where": where[it.pos], "tensor": it.what, "bytes": it.nbytes,
+             "bytes/token": it.nbytes / (batch_size * seq_len),
+             "kept with checkpointing": "yes (bitsandbytes ctx)" if it.escapes else "no, recomputed"}
+            for it in sorted(items, key=lambda it: it.pos)]
+    frame = pd.DataFrame(rows)
+    total = {"where": "", "tensor": "total per layer", "bytes": frame["bytes"].sum(),
+             "bytes/token": frame["bytes/token"].sum(), "kept with checkpointing": ""}
+    return pd.concat([frame, pd.DataFrame([total])], ignore_index=True)
+
+
+def estimate_for_row(row: dict) -> int:
+    """The estimate (bytes) for one row of a table written by benchmarks/memory_sweep.py."""
+    overrides = row.get("overrides", {})
+    extra = {k: row[k] for k in ("input_requires_grad", "attn_implementation") if k in row}
+    return estimate_training_memory(
+        row["model"], bits=row["bits"], quant_type=row.get("quant_type", "nf4"),
+        double_quant=row.get("double_quant", True), compute_dtype=row.get("compute_dtype", "bfloat16"),
+        adapter=row["adapter_config"], adapter_dtype=overrides.get("adapter_dtype", "auto"),
+        batch_size=row["batch_size"], seq_len=row["seq_len"], gradient_checkpointing=row["gradient_checkpointing"],
+        optimizer=row["optimizer"], **extra).total
