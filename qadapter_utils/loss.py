@@ -23,7 +23,7 @@ states; calling the decoder `model.model` directly would skip the forward contex
 tuning needs) and this loss on lm_head's weight; it works on plain transformers models, on models with AdapterHub
 adapters and on peft models (lm_head found through `get_base_model()`).
 
-Used by qadapter_utils.train.make_trainer(chunked_loss=True) and benchmarks/ (memory: 06_memory_profiling). Works when copied alone (needs only torch;
+Used by qadapter_utils.train.make_trainer(chunked_loss=True) and benchmarks/ (memory: 07_memory_profiling). Works when copied alone (needs only torch;
 transformers for the model).
 """
 from __future__ import annotations
@@ -195,7 +195,7 @@ def chunked_compute_loss(model, inputs: dict, return_outputs: bool = False, num_
 
 def logits_bytes(tokens: int, vocab_size: int = 32000, compute_bytes: int = 2) -> dict:
     """Bytes the plain loss holds for `tokens` tokens (lm_head output in the compute dtype, its fp32 upcast and
-    the log-softmax kept for backward) versus what the chunked loss holds (one chunk). (06_memory_profiling)"""
+    the log-softmax kept for backward) versus what the chunked loss holds (one chunk). (07_memory_profiling)"""
     plain = tokens * vocab_size * (compute_bytes + 4 + 4)
     chunk = min(tokens, DEFAULT_CHUNK) * vocab_size * (compute_bytes + 4 + 4)
     return {"plain": plain, "chunked": chunk}

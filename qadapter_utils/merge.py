@@ -20,7 +20,7 @@ eval mode they differ more (tiny model: max ~0.3, mean ~0.03), because LLM.int8(
 int8, which a merged float model does not; the merged weights themselves are exact. On a CPU with AVX512-BF16,
 bitsandbytes runs eval-mode 4-bit layers through a bf16 kernel: expect bf16-sized differences there.
 
-Introduced in notebooks/05_training.ipynb. Needs qadapter_utils.weights (dequantized_weight).
+Introduced in notebooks/06_merging_and_fusion.ipynb. Needs qadapter_utils.weights (dequantized_weight).
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def _check(model, adapter_name: str) -> dict[str, torch.nn.Module]:
 def merged_weight(layer: torch.nn.Module, adapter_name: str, dtype: torch.dtype = torch.float32) -> tuple:
     """(weight, bias) of one adapters LoRA-wrapped linear layer with adapter `adapter_name` folded in, computed
     in fp32 from the dequantized base weight and returned in `dtype`: LoRA W + (alpha/r) B A; (IA)^3
-    diag(alpha * l) W (and the bias scaled alike). (05_training)"""
+    diag(alpha * l) W (and the bias scaled alike). (06_merging_and_fusion)"""
     lora = layer.loras[adapter_name]
     weight = dequantized_weight(layer).to(torch.float32)
     bias = layer.bias.detach().to(torch.float32) if getattr(layer, "bias", None) is not None else None
@@ -145,7 +145,7 @@ def merge_lora(model, adapter_name: str, dtype: torch.dtype | None = None, devic
     part of the result. The result is in eval mode. Raises MergeError for adapters that cannot be merged
     (bottleneck, prefix, gated, DoRA, VeRA) or were already merged in place. Needs memory for the whole merged
     model beside `model`; where that is more than the GPU or RAM holds (Llama-2-7B on a T4 or in Colab's RAM),
-    use save_merged, which writes it to disk a tensor at a time. (05_training)"""
+    use save_merged, which writes it to disk a tensor at a time. (06_merging_and_fusion)"""
     device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
     merged, _, tensors = _merged_tensors(model, adapter_name, dtype)
     merged.load_state_dict({key: value.to(device) for key, value in tensors}, strict=True, assign=True)
@@ -165,7 +165,7 @@ def save_merged(model, adapter_name: str, folder, dtype: torch.dtype | None = No
     with `qadapter_utils.models.load_model(folder)` in full precision, or with bits=4/8 to quantize the merged
     weights again. `model` is not modified. Written into a sibling folder and renamed into place; refuses a
     folder that already holds files unless overwrite=True (and then replaces only saved work). Returns the folder.
-    (05_training)"""
+    (06_merging_and_fusion)"""
     from qadapter_utils.guards import folder_written_atomically
 
     skeleton, dtype, tensors = _merged_tensors(model, adapter_name, dtype)  # MergeError before anything is written
@@ -218,7 +218,7 @@ def requantize(merged, bits: int = 4, quant_type: str = "nf4", double_quant: boo
     from_pretrained round trip with a BitsAndBytesConfig, as a user would deploy it; `folder` defaults to a
     temporary one. Returns the quantized model (eval mode). The merged weights do not lie on the quantization
     grid, so this costs some accuracy: compare its logits or task accuracy with the merged model's.
-    (05_training)"""
+    (06_merging_and_fusion)"""
     import tempfile
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

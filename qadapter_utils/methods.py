@@ -444,7 +444,7 @@ def add_fusion(model, *adapter_names: str, adapter_dtype="auto", **config_overri
     (the fp16 gradient scaler refuses fp16 weights; in the compute dtype a T4 run fails at its first step), and
     the model is put in train mode; layers where none of the fused adapters sits (their leave_out) get no fusion
     layer. config_overrides go to adapters' `AdapterFusionConfig.load("dynamic", ...)`, e.g. temperature=True.
-    (05_training)"""
+    (06_merging_and_fusion)"""
     from adapters import AdapterFusionConfig
     from adapters.composition import Fuse
 

@@ -90,7 +90,7 @@ def bnb_config(bits: int | None, quant_type: str = "nf4", double_quant: bool = T
                quant_storage=None):
     """The `BitsAndBytesConfig` for `bits` (None for no quantization). quant_storage: the dtype the packed 4-bit
     codes are stored in (default uint8); FSDP needs it equal to the compute dtype so that it can shard the
-    quantized weights with the rest (07_multi_gpu). (02_loading_quantized)"""
+    quantized weights with the rest (08_multi_gpu). (02_loading_quantized)"""
     _check_quant_args(bits, quant_type)
     if bits is None:
         return None
@@ -226,7 +226,7 @@ def _check_weights_fit(name, config, bits, quant_type, double_quant, dtype, free
         needed4 = need(4)
         advice.append(f"load it in 4-bit (bits=4: {needed4 / 2**30:.1f} GiB"
                       f"{'' if needed4 <= free_bytes else ', still too much'})")
-    advice += ["a smaller model", "several GPUs with the model sharded across them (notebook 07, FSDP)",
+    advice += ["a smaller model", "several GPUs with the model sharded across them (notebook 08, FSDP)",
                "if an earlier model is still loaded in this process, free it first (del model; gc.collect(); "
                "torch.cuda.empty_cache())"]
     raise ModelLoadError(f"{name!r} in {precision} needs {needed / 2**30:.1f} GiB for its weights alone, but {where} "

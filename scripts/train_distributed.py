@@ -14,7 +14,7 @@
 and (with token-weighted loss averaging across processes) compute the same update. Rank 0 alone saves the
 adapter and writes <out>/result.json: world size, losses, tokens/s, peak memory per process, and how far the
 adapter weights of the processes are apart (0.0 for DDP: they stay identical). Nothing already in --out is
-overwritten: choose a new folder for each run. Introduced in notebooks/07_multi_gpu.ipynb.
+overwritten: choose a new folder for each run. Introduced in notebooks/08_multi_gpu.ipynb.
 """
 from __future__ import annotations
 
