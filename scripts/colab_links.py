@@ -22,7 +22,7 @@ LINK = re.compile(r"(colab\.research\.google\.com/github/|raw\.githubusercontent
 # Owners of other projects' repositories that the notebooks link to: never rewritten. Every other github.com link
 # is taken for this project's, so add an owner here before linking to a new project.
 IGNORED = {"adapter-hub", "bitsandbytes-foundation", "computationalmodelling", "huggingface", "rasbt", "d2l-ai",
-           "fastai", "karpathy", "unslothai", "artidoro", "TimDettmers", "meta-llama"}
+           "fastai", "karpathy", "unslothai", "artidoro", "TimDettmers", "meta-llama", "EleutherAI", "xvyaward"}
 
 
 def repository() -> tuple[str, str]:
