@@ -14,11 +14,12 @@ and bf16 autocast (what `Trainer(bf16=True)` does), for one epoch over the same 
   `group_by_length=True` uses), loss from `model(..., labels=...)`.
 - ours: `qadapter_utils.models.load_model` + `methods.add_adapter(model, "lora")` (fp32 adapter weights, bf16
   everything else), padding-free packing (`data.make_collator(packing=True)`: one row per step, position ids
-  restarting per sample) with a varlen attention that keeps the samples apart (flash varlen kernel, checked below
-  against per-sample attention), the chunked loss (`qadapter_utils.loss`: no fp32 logits), the adapter's
-  fp32 casts dropped where autocast makes them a no-op, and tokens per step + number of checkpointed layers chosen
-  by a planner for a memory budget equal to the baseline's measured peak (probe steps calibrate a linear memory and
-  time model; the choice is verified on the fullest batch).
+  restarting per sample) with a varlen attention that keeps the samples apart (`qadapter_utils.fast`: flash
+  varlen kernel, checked below against per-sample attention), the chunked loss (`qadapter_utils.loss`: no fp32
+  logits), the adapter's fp32 casts dropped where autocast makes them a no-op, and tokens per step + number of
+  checkpointed layers (`qadapter_utils.fast.checkpoint_layers`) chosen by a planner for a memory budget equal to the
+  baseline's measured peak (probe steps calibrate a linear memory and time model; the choice is verified on the
+  fullest batch).
 
 Reported: real tokens/s (padding excluded, whole epoch after 2 warm-up steps), peak `max_memory_allocated`, MFU =
 4 * N * tokens/s / (the GPU's bf16 matmul rate measured in the same run), N = 6.74e9. Also: ours without a memory
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import inspect
 import json
 import math
 import os
@@ -45,7 +45,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -53,11 +52,12 @@ sys.path.insert(0, str(HERE))
 
 import lengths as mix  # noqa: E402
 from qadapter_utils import methods, models  # noqa: E402
+from qadapter_utils.fast import (PACKED_ATTENTION, PACKED_ATTENTION_SDPA, check_varlen_kernel,  # noqa: E402
+                                 checkpoint_layers, set_attention)
 from qadapter_utils.loss import causal_lm_loss  # noqa: E402
 
 GIB = 2**30
 N_7B = 6.74e9
-PACKED_ATTENTION = "qadapter_packed"
 LOG: list[str] = []
 
 
@@ -169,120 +169,6 @@ def matmul_rate(n: int = 8192, reps: int = 20) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# packed attention: samples of a packed row attend only to themselves
-
-
-def _varlen_impl():
-    """torch's flash varlen attention wrapped as f(q, k, v, cu_seqlens, max_len, scale) -> out (tokens, heads,
-    dim), or None when this torch has none. Its keyword arguments changed between releases: handled here."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except Exception:  # noqa: BLE001
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    extra = {}
-    if "is_causal" in params:
-        extra["is_causal"] = True
-    elif "window_size" in params:
-        extra["window_size"] = (-1, 0)
-    else:
-        return None
-    has_scale = "scale" in params
-
-    def run(q, k, v, cu, max_len, scale):
-        kw = dict(extra, scale=scale) if has_scale else extra
-        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
-
-    return run
-
-
-VARLEN = {"fn": None, "status": "not checked"}
-
-
-def _per_sample_sdpa(query, key, value, bounds, scaling):
-    outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                           scale=scaling) for s, e in bounds]
-    return torch.cat(outs, dim=2)
-
-
-def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """An attention function for transformers' AttentionInterface: for a packed row (batch 1, `cu_seq_lens_q`
-    given) causal attention within each sample only, through the flash varlen kernel when available (else one
-    SDPA call per sample); otherwise plain causal SDPA. Returns (batch, seq, heads, dim), None."""
-    cu = kwargs.get("cu_seq_lens_q")
-    if key.shape[1] != query.shape[1]:  # grouped-query attention: repeat the key/value heads
-        rep = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    if cu is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]:
-        # Not a packed row. transformers builds no mask for a custom attention, so this is plain causal
-        # attention: exact for unpadded and right-padded batches (a real token never sees a later pad token).
-        if attention_mask is not None:
-            raise ValueError("packed_attention got an attention mask: use attn_implementation='sdpa' for that")
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
-    bounds = kwargs.get("qadapter_bounds")
-    if VARLEN["fn"] is not None and query.is_cuda:
-        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-        out = VARLEN["fn"](q, k, v, cu, int(kwargs["max_length_q"]), scaling)
-        return out.unsqueeze(0), None
-    if bounds is None:
-        edges = cu.tolist()
-        bounds = list(zip(edges[:-1], edges[1:]))
-    return _per_sample_sdpa(query, key, value, bounds, scaling).transpose(1, 2).contiguous(), None
-
-
-def register_packed_attention() -> str:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
-    return PACKED_ATTENTION
-
-
-def set_attention(model, name: str):
-    try:
-        model.set_attn_implementation(name)
-    except Exception:  # noqa: BLE001
-        pass
-    if model.config._attn_implementation != name:
-        model.config._attn_implementation = name
-
-
-def check_varlen(device="cuda") -> dict:
-    """Compare the varlen kernel with per-sample SDPA (outputs and gradients, bf16, random data); keep it only
-    when they agree. Sets VARLEN."""
-    fn = _varlen_impl()
-    if fn is None or not on_cuda():
-        VARLEN.update(fn=None, status="unavailable: per-sample SDPA")
-        return dict(VARLEN, fn=None)
-    g = torch.Generator(device=device).manual_seed(0)
-    lens = [37, 300, 129, 511, 64]
-    bounds, start = [], 0
-    for n in lens:
-        bounds.append((start, start + n))
-        start += n
-    cu = torch.tensor([0] + [e for _, e in bounds], dtype=torch.int32, device=device)
-    shape = (1, 32, start, 128)
-    q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
-               for _ in range(3))
-    scale = 128 ** -0.5
-    try:
-        ref = _per_sample_sdpa(q, k, v, bounds, scale).transpose(1, 2)
-        grad_out = torch.randn_like(ref)
-        ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
-        qq, kk, vv = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))
-        out = fn(qq, kk, vv, cu, max(lens), scale).unsqueeze(0)
-        grads = torch.autograd.grad(out, (q, k, v), grad_out)
-        err_out = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        err_grad = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(grads, ref_grads))
-    except Exception as err:  # noqa: BLE001
-        VARLEN.update(fn=None, status=f"failed ({type(err).__name__}: {str(err)[:200]}): per-sample SDPA")
-        return {"status": VARLEN["status"]}
-    ok = err_out < 2e-2 and err_grad < 5e-2 and math.isfinite(err_out) and math.isfinite(err_grad)
-    VARLEN.update(fn=fn if ok else None, status=("flash varlen" if ok else "varlen disagrees: per-sample SDPA"))
-    return {"status": VARLEN["status"], "rel_err_out": err_out, "rel_err_grad": err_grad}
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # models
 
 
@@ -330,33 +216,11 @@ def ours_recipe(model_name: str, dtype, method: str = "lora", model=None, attent
         tok = None
     if method == "prefix" or method.startswith("prefix"):
         attention = "eager"  # adapters 1.3.0 masks its prefix out under SDPA's boolean masks
-    if attention == PACKED_ATTENTION:
-        register_packed_attention()
     set_attention(model, attention)
     name = methods.add_adapter(model, method, gradient_checkpointing=True)
     removed = drop_redundant_casts(model) if on_cuda() else 0
     model.train()
     return model, tok, {"adapter": name, "cast_hooks_removed": removed, "attention": attention}
-
-
-def decoder_layers(model) -> list:
-    """The decoder layers (the first ModuleList named `layers`), through peft / adapters wrappers."""
-    for name, module in model.named_modules():
-        if name.split(".")[-1] == "layers" and isinstance(module, torch.nn.ModuleList):
-            return list(module)
-    raise ValueError(f"no decoder layers found in {type(model).__name__}")
-
-
-def checkpoint_layers(model, n_checkpointed: int) -> int:
-    """Gradient checkpointing on the first `n_checkpointed` decoder layers only (the others keep their
-    activations for backward). Needs gradient checkpointing enabled on the model first (it installs the
-    checkpoint function on every layer). Returns the number of layers."""
-    layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
-        if not hasattr(layer, "_gradient_checkpointing_func") and i < n_checkpointed:
-            raise ValueError("enable gradient checkpointing on the model before choosing layers")
-        layer.gradient_checkpointing = i < n_checkpointed
-    return len(layers)
 
 
 def num_layers(model) -> int:
@@ -445,7 +309,8 @@ _COLLATE = None
 def packed_batch(rows, idx, device, varlen: bool = True) -> dict:
     """One packed row through qadapter_utils.data.make_collator(packing=True) (transformers'
     DataCollatorWithFlattening: position ids restarting per sample, first label of each sample -100), plus the
-    sample boundaries for the varlen attention."""
+    sample boundaries for the varlen attention (qadapter_utils.fast.packed_attention reads cu_seq_lens_q instead
+    of deriving them from the position ids)."""
     global _COLLATE
     if _COLLATE is None:
         _COLLATE = _flatten_collator()
@@ -458,7 +323,6 @@ def packed_batch(rows, idx, device, varlen: bool = True) -> dict:
             edges.append(edges[-1] + len(rows[i]))
         out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = torch.tensor(edges, dtype=torch.int32, device=device)
         out["max_length_q"] = out["max_length_k"] = max(len(rows[i]) for i in idx)
-        out["qadapter_bounds"] = list(zip(edges[:-1], edges[1:]))
     return out
 
 
@@ -467,7 +331,6 @@ def packed_batch(rows, idx, device, varlen: bool = True) -> dict:
 
 
 def plain_loss(model, batch):
-    batch = {k: v for k, v in batch.items() if k != "qadapter_bounds"}
     return model(**batch).loss
 
 
@@ -675,7 +538,7 @@ def check_packing_isolation(model, rows, device, dtype) -> dict:
             packed = packed_batch(picks, list(range(len(picks))), device)
             packed.pop("labels")
             ours = model(**packed).logits[0].float()
-            naive = {k: v for k, v in packed.items() if not k.startswith(("cu_seq", "max_length", "qadapter"))}
+            naive = {k: v for k, v in packed.items() if not k.startswith(("cu_seq", "max_length"))}
             naive["position_ids"] = torch.arange(ours.shape[0], device=device)[None]
             naive_logits = model(**naive).logits[0].float()
         ref = torch.cat(alone)
@@ -853,8 +716,10 @@ def main(argv=None):
     res["matmul"] = matmul_rate()
     log("matmul", res["matmul"])
     rate = res["matmul"]["tflops"] if on_cuda() else None
-    res["checks"]["varlen_kernel"] = check_varlen()
+    res["checks"]["varlen_kernel"] = check_varlen_kernel()
     log("varlen", res["checks"]["varlen_kernel"])
+    # the varlen kernel only where it agrees with per-sample SDPA on this GPU
+    attention = PACKED_ATTENTION if res["checks"]["varlen_kernel"].get("ok", True) else PACKED_ATTENTION_SDPA
 
     # ------------------------------------------------------------------ baseline: stock PEFT, length-grouped
     model, tok = peft_recipe(args.model, dtype)
@@ -885,7 +750,7 @@ def main(argv=None):
     release()
 
     # ------------------------------------------------------------------ ours
-    model, tok, info = ours_recipe(args.model, dtype, "lora")
+    model, tok, info = ours_recipe(args.model, dtype, "lora", attention=attention)
     res["settings"]["ours"] = info
     opt = make_optimizer(model)
     loss_fn = chunked_loss(args.chunk)
@@ -943,14 +808,14 @@ def main(argv=None):
         checkpoint_layers(model, num_layers(model))
         variants = [
             ("packed, transformers' SDPA packed mask, plain loss", "sdpa", plain_loss),
-            ("packed, varlen attention, plain loss", PACKED_ATTENTION, plain_loss),
-            ("packed, varlen attention, chunked loss", PACKED_ATTENTION, loss_fn),
+            ("packed, varlen attention, plain loss", info["attention"], plain_loss),
+            ("packed, varlen attention, chunked loss", info["attention"], loss_fn),
         ]
         for name, attn, fn in variants:
             try:
                 set_attention(model, attn)
                 groups = pack_order(sub_lengths, T)
-                batches = [packed_batch(sub_rows, g, device, varlen=attn == PACKED_ATTENTION) for g in groups]
+                batches = [packed_batch(sub_rows, g, device, varlen=attn == info["attention"]) for g in groups]
                 r = train_steps(model, batches, fn, opt, dtype, real_tokens=sub_tokens)
                 r.update(name=name, setting=f"{T} tokens/step, all layers checkpointed",
                          mfu_pct=mfu(r["tokens_per_s"], N, rate))
@@ -994,7 +859,7 @@ def main(argv=None):
                 res["methods"].append(r)
                 log("method", r)
                 if packed_ok:
-                    set_attention(model, PACKED_ATTENTION)
+                    set_attention(model, info["attention"])
                     checkpoint_layers(model, plan["checkpointed_layers"])
                     groups = pack_order(sub_lengths, plan["tokens_per_step"])
                     batches = [packed_batch(sub_rows, g, device) for g in groups]

@@ -11,9 +11,10 @@ checkpointing, paged AdamW 8-bit, batch 1; each length trains 2 full steps (forw
 - stock PEFT recipe: `prepare_model_for_kbit_training` + `LoraConfig`, loss from `model(..., labels=...)`.
 - ours, the qadapter_utils recipe, in the cheapest configuration that trains at each length:
   1. chunked loss (`qadapter_utils.loss`: no fp32 logits), non-reentrant checkpointing;
-  2. + tiled MLP: each layer's MLP runs over 4,096-token tiles, each tile checkpointed, so its (tokens x 11,008)
-     intermediates exist for one tile at a time (the MLP is position-wise: the same result);
-  3. + checkpoints offloaded to CPU memory: the forward runs under
+  2. + tiled MLP (`qadapter_utils.fast.tile_mlp`): each layer's MLP runs over 4,096-token tiles, each tile
+     checkpointed, so its (tokens x 11,008) intermediates exist for one tile at a time (the MLP is position-wise:
+     the same result);
+  3. + checkpoints offloaded to CPU memory (`qadapter_utils.fast.offload_checkpoints`): the forward runs under
      `torch.autograd.graph.save_on_cpu(pin_memory=True)`. Non-reentrant checkpointing saves each layer's input
      through save_for_backward outside its own hooks, so the 32 layer inputs (tokens x 4,096 x 2 bytes each) wait
      in pinned host memory until backward needs them, while what the recomputation saves stays on the GPU.
@@ -42,6 +43,7 @@ sys.path.insert(0, str(HERE))
 
 import recipe_vs_peft as rv  # noqa: E402  (also puts the repository root on sys.path)
 from qadapter_utils import methods, models  # noqa: E402
+from qadapter_utils.fast import offload_checkpoints, set_attention, tile_mlp, untile_mlp  # noqa: E402
 from qadapter_utils.loss import causal_lm_loss  # noqa: E402
 
 GIB = 2**30
@@ -62,37 +64,6 @@ def load_fp16(model_name: str, dtype):
                                                 dtype=dtype, device_map=device_map)
 
 
-def tile_mlp(model, tile: int) -> int:
-    """Run every decoder layer's MLP over `tile`-token tiles; under autograd each tile is checkpointed
-    (non-reentrant), so only one tile's intermediates are alive at a time. Returns the number of MLPs tiled."""
-    n = 0
-    for layer in rv.decoder_layers(model):
-        mlp = layer.mlp
-        if getattr(mlp, "_qadapter_tile", None) is not None:
-            mlp._qadapter_tile = tile
-            n += 1
-            continue
-        original = mlp.forward
-
-        def forward(x, _original=original, _mlp=mlp):
-            size = _mlp._qadapter_tile
-            if not size or x.shape[-2] <= size:
-                return _original(x)
-            parts = []
-            for start in range(0, x.shape[-2], size):
-                piece = x[..., start:start + size, :]
-                if torch.is_grad_enabled():
-                    parts.append(torch.utils.checkpoint.checkpoint(_original, piece, use_reentrant=False))
-                else:
-                    parts.append(_original(piece))
-            return torch.cat(parts, dim=-2)
-
-        mlp.forward = forward
-        mlp._qadapter_tile = tile
-        n += 1
-    return n
-
-
 def set_checkpointing(model, reentrant: bool = False):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     if not hasattr(model, "_require_grads_hook"):
@@ -104,12 +75,14 @@ def ours_config(model, name: str):
     tiled = "tiled" in name
     offload = "offload" in name
     set_checkpointing(model)
-    tile_mlp(model, MLP_TILE if tiled else 0)
+    if tiled:
+        tile_mlp(model, MLP_TILE)
+    else:
+        untile_mlp(model)
     chunk = 2048
 
     def loss_fn(m, batch):
-        ctx = torch.autograd.graph.save_on_cpu(pin_memory=rv.on_cuda()) if offload else contextlib.nullcontext()
-        with ctx:
+        with offload_checkpoints() if offload else contextlib.nullcontext():
             return causal_lm_loss(m, chunk_size=chunk, **batch)
 
     return loss_fn
@@ -187,16 +160,16 @@ def compare_full_vs_plain(model, dtype, vocab, device, length: int = 512) -> dic
         return loss.detach().float().item(), grads
 
     set_checkpointing(model)
-    tile_mlp(model, 0)
+    untile_mlp(model)
     ref_loss, ref = run(lambda: model(**batch).loss)
     tile_mlp(model, 128)
 
     def ours():
-        with torch.autograd.graph.save_on_cpu(pin_memory=rv.on_cuda()):
+        with offload_checkpoints():
             return causal_lm_loss(model, chunk_size=128, **batch)
 
     loss, grads = run(ours)
-    tile_mlp(model, 0)
+    untile_mlp(model)
     rel = [((grads[n] - ref[n]).norm() / ref[n].norm()).item() for n in ref if ref[n].norm() > 0]
     return {"length": length, "loss_plain": ref_loss, "loss_ours": loss,
             "rel_err_loss": abs(loss - ref_loss) / abs(ref_loss), "nonzero_grad_tensors": len(rel),
@@ -277,7 +250,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- ours
     model = load_fp16(args.model, dtype)
-    rv.set_attention(model, "sdpa")
+    set_attention(model, "sdpa")
     methods.add_adapter(model, "lora", gradient_checkpointing=True)
     if rv.on_cuda():
         rv.drop_redundant_casts(model)
@@ -294,7 +267,7 @@ def main(argv=None):
 
     # the plain adapters recipe (qadapter_utils without the chunked loss), for comparison
     set_checkpointing(model)
-    tile_mlp(model, 0)
+    untile_mlp(model)
     search_lengths(res, model, plain_lengths, rv.plain_loss, opt, dtype, vocab, device, "adapters, plain loss",
                    "non-reentrant checkpointing")
     write(Path(args.out), res)

@@ -30,6 +30,7 @@ __all__ = sorted(_EXPORTS) + ["env", "quant"]
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"qadapter_utils.{_EXPORTS[name]}"), name)
-    if name in ("env", "quant", "models", "methods", "data", "train", "memory", "weights", "compat", "merge", "loss"):
+    if name in ("env", "quant", "models", "methods", "data", "train", "memory", "weights", "compat", "merge", "loss",
+                "fast"):
         return importlib.import_module(f"qadapter_utils.{name}")
     raise AttributeError(f"module 'qadapter_utils' has no attribute {name!r}")

@@ -537,13 +537,16 @@ def _init(model) -> None:
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta and not all(p.is_meta for p in model.parameters()):  # (a model built on meta stays there)
         raise RuntimeError(f"adapters.init left tensors on the meta device: {on_meta[:3]}")
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model):
         layer.register_forward_pre_hook(_pass_kv_cache, with_kwargs=True)
 
 
-def _decoder_layers(model) -> list[torch.nn.Module]:
-    base = getattr(model, "model", None)
-    return list(getattr(base, "layers", []))
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers of a transformers causal LM (`model.model.layers`), also through a peft wrapper
+    (`get_base_model()`); [] when the model has none. (05_training; qadapter_utils.fast uses it)"""
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
+    return list(getattr(getattr(model, "model", None), "layers", []))
 
 
 def _pass_kv_cache(module, args, kwargs):

@@ -177,7 +177,10 @@ def _check_budget(args: dict, max_length) -> None:
 
 def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, max_length: int | None = 256,
                  callbacks: Sequence[TrainerCallback] = (), resume: bool = False, chunked_loss: bool = False,
-                 chunk_size: int = 2048, **overrides):
+                 chunk_size: int = 2048,
+                 # TODO(#13): switch on by default on CUDA once benchmarks/ measures make_trainer with it
+                 packed_attention: bool = False, tiled_mlp: int | None = None, offload_checkpoints: bool = False,
+                 checkpoint_layers: int | None = None, **overrides):
     """An `adapters.AdapterTrainer` for `model` (with an adapter set to train, e.g. by
     qadapter_utils.methods.add_adapter) on `train` / `eval` (datasets or lists of prompt/answer rows, or rows
     already tokenized with input_ids/labels).
@@ -196,7 +199,18 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     StepStats callback records time per step and peak memory; read it with step_stats(trainer). chunked_loss=True
     computes lm_head and the loss `chunk_size` tokens at a time (qadapter_utils.loss), so the full fp32 logits
     (tokens x vocab x 4 bytes, twice) never exist: what limits the sequence length of a 7B model on a 16 GB GPU.
-    (05_training)"""
+
+    The other pieces of the fast recipe (qadapter_utils.fast), all off by default for now; they will be switched on
+    by default on CUDA once benchmarks/ measures make_trainer with them (TODO #13):
+    packed_attention=True switches the model to fast.PACKED_ATTENTION (each sample of a packed row attends only to
+    itself, from the position ids; varlen flash kernel on a CUDA GPU; needs packing=True, refuses prefix tuning);
+    the model keeps it after training (fast.set_attention(model, "sdpa") switches back; evaluation and generation
+    are exact under it). tiled_mlp=N runs every MLP over tiles of N tokens, each checkpointed (fast.tile_mlp;
+    fast.untile_mlp removes it). offload_checkpoints=True runs the forward under fast.offload_checkpoints (what it
+    saves for backward waits in CPU memory). checkpoint_layers=n checkpoints only the first n decoder layers
+    (fast.checkpoint_layers, applied when training starts, after the Trainer enables checkpointing on all of them);
+    it turns gradient checkpointing on (non-reentrant) unless gradient_checkpointing=False is passed, which with
+    n > 0 is refused. (05_training)"""
     if not hasattr(model, "adapters_config") or model.active_adapters is None:
         raise ValueError("the model has no active adapter: add one first, e.g. "
                          "qadapter_utils.methods.add_adapter(model, 'lora') (it also sets it to train)")
@@ -213,8 +227,15 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     overwrite = overrides.pop("overwrite_output_dir", False)
     if "num_train_epochs" in overrides and "max_steps" not in overrides:
         args["max_steps"] = -1   # train for epochs: max_steps > 0 would override them
+    if checkpoint_layers is not None:
+        if overrides.get("gradient_checkpointing") is False and checkpoint_layers:
+            raise UsageError(f"checkpoint_layers={checkpoint_layers} needs gradient checkpointing, but "
+                             f"gradient_checkpointing=False was passed: drop one of them")
+        args.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     args.update(overrides)
     _check_budget(args, max_length)
+    switches = dict(packed_attention=packed_attention, tiled_mlp=tiled_mlp, checkpoint_layers=checkpoint_layers)
+    _fast_pieces(model, packing, **switches, apply=False)  # misuse refused before anything is written
     if "warmup_steps" not in overrides and "warmup_ratio" not in overrides:  # 5% linear warmup
         if args["max_steps"] > 0:
             args["warmup_steps"] = max(1, int(args["max_steps"]) // 20)
@@ -239,15 +260,60 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
     stats = StepStats()
+    fast_pieces = _fast_pieces(model, packing, **switches, apply=True)
     trainer = _trainer_class()(model=model, args=arguments, train_dataset=train, eval_dataset=eval,
                              data_collator=make_collator(tokenizer, packing=packing), processing_class=tokenizer,
-                             callbacks=[stats, *callbacks])
+                             callbacks=[stats, *fast_pieces, *callbacks])
     trainer.qadapter_identity = identity
     if chunked_loss:
         from qadapter_utils.loss import chunked_compute_loss
 
         trainer.compute_loss = functools.partial(chunked_compute_loss, chunk_size=chunk_size)
+    if offload_checkpoints:
+        from qadapter_utils.fast import offloaded
+
+        trainer.compute_loss = offloaded(trainer.compute_loss)
     return trainer
+
+
+def _fast_pieces(model, packing: bool, *, packed_attention: bool, tiled_mlp, checkpoint_layers,
+                 apply: bool) -> list:
+    """Check make_trainer's switches of qadapter_utils.fast (apply=False) or apply them to `model` (apply=True);
+    returns the callbacks that must act when training starts."""
+    if not (packed_attention or tiled_mlp is not None or checkpoint_layers is not None):
+        return []
+    from qadapter_utils import fast
+    from qadapter_utils.methods import decoder_layers
+
+    if packed_attention and not packing:
+        raise UsageError("packed_attention=True needs packing=True (it keeps the samples of a packed row apart; "
+                         "padded batches gain nothing from it)")
+    if tiled_mlp is not None:
+        check_number("tiled_mlp", tiled_mlp, low=1, integer=True, hint="tokens per MLP tile, e.g. 4096")
+    layers = decoder_layers(model)
+    if checkpoint_layers is not None:
+        check_number("checkpoint_layers", checkpoint_layers, low=0, high=len(layers), integer=True,
+                     hint=f"a number of decoder layers from 0 to {len(layers)}")
+    if not apply:
+        return []
+    if packed_attention:
+        fast.use_packed_attention(model)
+    if tiled_mlp is not None:
+        fast.tile_mlp(model, tiled_mlp)
+    return [_CheckpointLayers(checkpoint_layers)] if checkpoint_layers is not None else []
+
+
+class _CheckpointLayers(TrainerCallback):
+    """fast.checkpoint_layers(model, n) when training starts: the Trainer has just enabled gradient checkpointing
+    on every layer (model.gradient_checkpointing_enable), which would undo a choice made before."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from qadapter_utils.fast import checkpoint_layers
+
+        checkpoint_layers(model, self.n)
 
 
 @functools.cache
