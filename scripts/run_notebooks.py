@@ -252,13 +252,43 @@ def run_one(path: Path, args, stand_in: Path, watch_device: bool) -> dict:
         env.pop("QADAPTER_T4_GIB", None), env.pop("QADAPTER_T4_CONTEXT_GIB", None)
     command = [sys.executable, __file__, "--one", str(path), "--out", str(args.out),
                "--cell-timeout", str(args.cell_timeout)] + (["--watch-device"] if watch_device else [])
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    started = time.perf_counter()
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = child.communicate(timeout=args.notebook_timeout)
+        stuck = False
+    except subprocess.TimeoutExpired:  # a cell that ignores the cell timeout, a kernel that never starts or exits
+        kill_tree(child.pid)
+        _, stderr = child.communicate()
+        stuck = True
     row_file = args.out / f"{path.stem}.row.json"
-    if done.returncode != 0 or not row_file.exists():
-        return unmeasured_row(path, "failed", f"the runner's child failed: {done.stderr[-300:]}")
-    row = json.loads(row_file.read_text())
-    row_file.unlink()
-    return row
+    if row_file.exists():
+        row = json.loads(row_file.read_text())
+        row_file.unlink()
+        if stuck:
+            row["note"] = f"finished, but its process did not exit within {args.notebook_timeout} s: killed"
+        return row
+    if stuck:
+        return dict(unmeasured_row(path, "failed", f"no result within {args.notebook_timeout} s (--notebook-timeout): "
+                                                   f"the notebook's process, its kernel and their children were killed"),
+                    seconds=round(time.perf_counter() - started, 1))
+    return unmeasured_row(path, "failed", f"the runner's child failed: {stderr[-300:]}")
+
+
+def kill_tree(pid: int) -> None:
+    """Kill process `pid` and every process below it (Jupyter starts kernels in sessions of their own, so a process
+    group kill would miss them)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    for process in [*parent.children(recursive=True), parent]:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def t4_minutes(seconds: float, rate: float | None, peak_allocated_gib: float | None = None) -> float | None:
@@ -284,7 +314,7 @@ def write_table(rows: list[dict], meta: dict, out_dir: Path) -> None:
         lines.append(f"| {r['notebook']} | {r['status']} | {r['seconds']:.0f} | {fmt(r['t4_minutes'])} | "
                      f"{fmt(r['peak_allocated_gib'])} | {fmt(r['peak_reserved_gib'])} | "
                      f"{fmt(r['peak_device_gib'])} | {r.get('slowest_cells') or ''} | "
-                     f"{(r['error'] or '').replace('|', '/')} |")
+                     f"{'; '.join(x for x in (r['error'], r.get('note')) if x).replace('|', '/')} |")
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -294,6 +324,9 @@ def main(argv=None) -> int:
     parser.add_argument("--t4", action="store_true", help=f"stand in for a Colab T4 ({T4_TOTAL_GIB} GiB, fp16)")
     parser.add_argument("--only", nargs="*", help="notebook numbers or name prefixes, e.g. 00 04")
     parser.add_argument("--cell-timeout", type=int, default=1200, help="seconds one cell may take")
+    parser.add_argument("--notebook-timeout", type=int, default=1800,
+                        help="seconds one notebook may take in all, kernel start and exit included: then its process "
+                             "tree is killed and the runner goes on with the next notebook")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds: start no further notebook after this (the rest are listed as not run)")
     parser.add_argument("--jobs", type=int, default=1,

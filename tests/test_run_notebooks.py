@@ -62,3 +62,24 @@ def test_t4_estimate_scales_gpu_notebooks_by_the_measured_rate_and_leaves_cpu_on
     assert run_notebooks.t4_minutes(60, 650.0, peak_allocated_gib=3.5) == 10.0   # 650 / 65 TFLOP/s: 10x slower
     assert run_notebooks.t4_minutes(60, 650.0, peak_allocated_gib=0) == 1.0      # ran on the CPU: as measured
     assert run_notebooks.t4_minutes(60, None) is None                             # rate not measured (no GPU)
+
+
+def test_a_notebook_past_its_time_limit_is_killed_with_its_kernel(tmp_path):
+    import psutil
+
+    mark = f"qadapter-test-{os.getpid()}-{tmp_path.name}"  # inherited by the runner's child and its kernel
+    env = dict(os.environ, QADAPTER_MODEL="tiny", QADAPTER_TEST_MARK=mark)
+    done = subprocess.run([sys.executable, str(RUNNER), "--only", "00", "--notebook-timeout", "4",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    row = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    assert row["status"] == "failed" and "no result within 4 s" in row["error"] and row["seconds"] >= 4
+    assert "--notebook-timeout" in (tmp_path / "results.md").read_text()
+
+    def marked(process):
+        try:
+            return process.environ().get("QADAPTER_TEST_MARK") == mark
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            return False
+
+    assert not [p for p in psutil.process_iter() if marked(p)]  # neither the child nor its kernel is left
