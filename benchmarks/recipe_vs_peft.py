@@ -18,8 +18,8 @@ and bf16 autocast (what `Trainer(bf16=True)` does), for one epoch over the same 
   varlen kernel, checked below against per-sample attention), the chunked loss (`qadapter_utils.loss`: no fp32
   logits), the adapter's fp32 casts dropped where autocast makes them a no-op, and tokens per step + number of
   checkpointed layers (`qadapter_utils.fast.checkpoint_layers`) chosen by a planner for a memory budget equal to the
-  baseline's measured peak (probe steps calibrate a linear memory and time model; the choice is verified on the
-  fullest batch).
+  baseline's measured peak by `qadapter_utils.memory.plan_tokens_per_step` (three probe steps calibrate its linear
+  memory and time model, `verify_plan` checks the choice on the fullest batch).
 
 Reported: real tokens/s (padding excluded, whole epoch after 2 warm-up steps), peak `max_memory_allocated`, MFU =
 4 * N * tokens/s / (the GPU's bf16 matmul rate measured in the same run), N = 6.74e9. Also: ours without a memory
@@ -55,6 +55,7 @@ from qadapter_utils import methods, models  # noqa: E402
 from qadapter_utils.fast import (PACKED_ATTENTION, PACKED_ATTENTION_SDPA, check_varlen_kernel,  # noqa: E402
                                  checkpoint_layers, set_attention)
 from qadapter_utils.loss import causal_lm_loss  # noqa: E402
+from qadapter_utils.memory import cost_from_probes, plan_tokens_per_step, verify_plan  # noqa: E402
 
 GIB = 2**30
 N_7B = 6.74e9
@@ -441,83 +442,38 @@ def profile_step(model, batch, loss_fn, optimizer, dtype, rows: int = 18) -> dic
 
 
 def plan_for_budget(model, rows, lengths, budget: int, loss_fn, optimizer, dtype, probe_tokens: int,
-                    candidates: list[int], device, margin: float = 0.92, verify: bool = True) -> dict:
-    """Choose (tokens per step T, checkpointed layers c) maximising predicted tokens/s subject to the predicted
-    peak <= margin * budget. Three probe steps calibrate peak(T, c) = W + m0 + T * (a + (L - c) * b) and
-    time(T, c) = t0 + T * (u + c / L * r): A = (T0, all checkpointed), B = (T0, none), C = (2 T0, all). The
-    choice is then run once on its fullest batch and stepped down while the measured peak exceeds the budget."""
+                    candidates: list[int], device) -> dict:
+    """qadapter_utils.memory.plan_tokens_per_step calibrated by three probe steps of ours on this GPU
+    (cost_from_probes), then checked on the fullest batch of the plan (verify_plan); leaves the model with the
+    plan's checkpointed layers. Returns the plan's summary with the probes."""
     L = num_layers(model)
-    base = allocated_bytes()
 
     def probe(T, c):
         checkpoint_layers(model, c)
-        idx = pack_order(lengths, T, seed=123)[0]
-        batch = packed_batch(rows, idx, device)
+        batch = packed_batch(rows, pack_order(lengths, T, seed=123)[0], device)
         one_step(model, batch, loss_fn, optimizer, dtype)  # warm (allocates optimizer state at the first call)
         secs, pk = one_step(model, batch, loss_fn, optimizer, dtype)
         tokens = len(batch["input_ids"][0])
         release()
         return tokens, secs, pk
 
-    T0 = probe_tokens
-    tA, sA, pA = probe(T0, L)
-    tB, sB, pB = probe(T0, 0)
-    tC, sC, pC = probe(2 * T0, L)
-    a = max((pC - pA) / max(tC - tA, 1), 0.0)
-    m0 = max(pA - base - a * tA, 0.0)
-    b = max((pB - pA) / (L * tA), 0.0)
-    r = max((sA - sB) / tA, 0.0)
-    per_tok = max((sC - sA) / max(tC - tA, 1), 1e-12)
-    u = max(per_tok - r, 1e-12)
-    t_fixed = max(sA - tA * (u + r), 0.0)
-    model_desc = {"base_bytes": base, "m0": m0, "a_per_token": a, "b_per_token_layer": b, "t_fixed_s": t_fixed,
-                  "u_s_per_token": u, "r_recompute_s_per_token": r,
-                  "probes": {"A": [tA, sA, pA], "B": [tB, sB, pB], "C": [tC, sC, pC]}}
-
-    def predict(T, c):
-        mem = base + m0 + T * (a + (L - c) * b)
-        secs = t_fixed + T * (u + c / L * r)
-        return mem, T / secs
-
-    options = []
-    for T in candidates:
-        if T < max(lengths):
-            continue
-        for c in range(L + 1):
-            mem, tps = predict(T, c)
-            if mem <= margin * budget:
-                options.append((tps, -c, T, c, mem))
-    if not options:
-        T, c = max(min(candidates), max(lengths)), L
-        options = [(predict(T, c)[1], -c, T, c, predict(T, c)[0])]
-    options.sort(reverse=True)
-    tps, _, T, c, mem = options[0]
-    tries = []
-    if verify:
-        for _ in range(6):
-            checkpoint_layers(model, c)
-            batches = pack_order(lengths, T, seed=0)
-            fullest = max(batches, key=lambda idx: sum(lengths[i] for i in idx))
-            batch = packed_batch(rows, fullest, device)
-            try:
-                _, pk = one_step(model, batch, loss_fn, optimizer, dtype)
-                oom = False
-            except torch.OutOfMemoryError:
-                pk, oom = None, True
+    def measure(T, c):
+        checkpoint_layers(model, c)
+        fullest = max(pack_order(lengths, T, seed=0), key=lambda idx: sum(lengths[i] for i in idx))
+        batch = packed_batch(rows, fullest, device)
+        try:
+            return one_step(model, batch, loss_fn, optimizer, dtype)[1]
+        except torch.OutOfMemoryError:
+            return None
+        finally:
             del batch
             optimizer.zero_grad(set_to_none=True)
             release()
-            tries.append({"tokens_per_step": T, "checkpointed_layers": c, "measured_peak_gib": gib(pk), "oom": oom})
-            if not oom and pk <= budget:
-                break
-            if c < L:  # more checkpointing first, then fewer tokens
-                c = min(L, c + max(2, (L - c) // 2))
-            else:
-                T = max(max(lengths), T * 3 // 4)
-    checkpoint_layers(model, c)
-    return {"tokens_per_step": T, "checkpointed_layers": c, "layers": L, "predicted_peak_gib": gib(mem),
-            "predicted_tokens_per_s": round(tps, 1), "budget_gib": gib(budget), "margin": margin,
-            "calibration": model_desc, "verification": tries}
+
+    cost = cost_from_probes(probe, L, probe_tokens, base_bytes=allocated_bytes())
+    plan = verify_plan(plan_tokens_per_step(cost, budget, lengths, candidates=candidates), measure, max(lengths))
+    checkpoint_layers(model, plan.checkpointed_layers)
+    return dict(plan.summary(), probes=cost.probes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -656,7 +612,7 @@ def markdown(res: dict) -> str:
                          f"verification {p.get('verification')}")
         lines.append("")
         for name, p in res["plans"].items():
-            probes = (p.get("calibration") or {}).get("probes") or {}
+            probes = p.get("probes") or {}
             if not probes:
                 continue
             what = {"A": "all layers checkpointed", "B": "no layer checkpointed", "C": "all layers checkpointed"}
@@ -767,7 +723,7 @@ def main(argv=None):
         plan = plan_for_budget(model, rows, lengths, budget_bytes, loss_fn, opt, dtype, probe_tokens, candidates,
                                device)
         res["plans"][key] = plan
-        log("plan", key, {k: v for k, v in plan.items() if k != "calibration"})
+        log("plan", key, {k: v for k, v in plan.items() if k != "probes"})
         groups = pack_order(lengths, plan["tokens_per_step"])
         batches = [packed_batch(rows, g, device) for g in groups]
         out_r = train_steps(model, batches, loss_fn, opt, dtype, real_tokens=total_tokens)

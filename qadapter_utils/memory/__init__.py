@@ -6,8 +6,9 @@
     estimate.total, estimate.table()                              # bytes, and the breakdown term by term
     fits("llama2-7b", "T4", adapter="lora", batch_size=1, seq_len=2048)
     max_batch_size("T4", "llama2-7b", seq_len=1024), max_seq_len("T4", "llama2-7b", batch_size=1)
+    plan_tokens_per_step("llama2-7b", 11 * GiB, lengths)       # packed training: tokens per step, checkpointed layers
 
-Three modules, one per question, each with its own docstring; this package names their public functions, so
+Four modules, one per question, each with its own docstring; this package names their public functions, so
 `from qadapter_utils import memory; memory.fits(...)` reaches all of them:
 
 - measure.py: the memory of real training steps, phase by phase (CUDA allocator statistics on a GPU, the torch
@@ -15,6 +16,8 @@ Three modules, one per question, each with its own docstring; this package names
 - estimate.py: the peak of a training step predicted term by term from the model's shape (no weights, no GPU);
   checked against GPU measurements in tests/test_memory.py. Imports no sibling.
 - plan.py: what fits on a GPU (estimate + safety margin + CUDA context vs the GPU's memory). Imports estimate.
+- step_plan.py: tokens per step and checkpointed layers of packed training for a memory budget (a linear model
+  calibrated from the estimate or from measured steps; issue #13). Imports estimate.
 
 Introduced in notebooks/07_memory_profiling.ipynb. Needs qadapter_utils.quant (weight bytes); preset adapter
 names are resolved through qadapter_utils.methods when it is importable, else through adapters' own names.
@@ -27,11 +30,14 @@ from qadapter_utils.memory.measure import (MemoryProfile, make_optimizer, measur
                                            profile_training_step, random_batch, tensor_bytes)
 from qadapter_utils.memory.plan import (CUDA_CONTEXT_GIB, GPUS, SAFETY_MARGIN, FitReport, fits, max_batch_size,
                                         max_seq_len)
+from qadapter_utils.memory.step_plan import (StepCost, StepPlan, cost_from_estimate, cost_from_probes,
+                                             plan_tokens_per_step, verify_plan)
 
 __all__ = [
     "CUBLAS_WORKSPACE", "CUDA_CONTEXT_GIB", "GPUS", "GiB", "MiB", "SAFETY_MARGIN",
-    "FitReport", "MemoryEstimate", "MemoryProfile",
-    "count_adapter_params", "estimate_for_row", "estimate_training_memory", "fits", "layer_activations",
-    "make_optimizer", "max_batch_size", "max_seq_len", "measure_training_memory", "profile_training_step",
-    "random_batch", "tensor_bytes",
+    "FitReport", "MemoryEstimate", "MemoryProfile", "StepCost", "StepPlan",
+    "cost_from_estimate", "cost_from_probes", "count_adapter_params", "estimate_for_row",
+    "estimate_training_memory", "fits", "layer_activations", "make_optimizer", "max_batch_size", "max_seq_len",
+    "measure_training_memory", "plan_tokens_per_step", "profile_training_step", "random_batch", "tensor_bytes",
+    "verify_plan",
 ]
