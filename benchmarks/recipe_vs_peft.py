@@ -8,20 +8,24 @@ Both train LoRA r=16 (alpha 32, no dropout) on q_proj and v_proj with paged Adam
 and bf16 autocast (what `Trainer(bf16=True)` does), for one epoch over the same length mix (benchmarks/lengths.py:
 192 sequences, log-normal, median 256, 16-1,024 tokens), loss on every token:
 
-- baseline, the stock PEFT recipe at its best: `prepare_model_for_kbit_training` (freezes the base, upcasts
-  embeddings, norms and lm_head to fp32, reentrant gradient checkpointing), `LoraConfig` + `get_peft_model`,
-  batches of 8 padded to the longest sample **with length grouping** (transformers' LengthGroupedSampler, what
-  `group_by_length=True` uses), loss from `model(..., labels=...)`.
-- ours: `qadapter_utils.models.load_model` + `methods.add_adapter(model, "lora")` (fp32 adapter weights, bf16
-  everything else), padding-free packing (`data.make_collator(packing=True)`: one row per step, position ids
-  restarting per sample) with a varlen attention that keeps the samples apart (`qadapter_utils.fast`: flash
-  varlen kernel, checked below against per-sample attention), the chunked loss (`qadapter_utils.loss`: no fp32
-  logits), the adapter's fp32 casts dropped where autocast makes them a no-op, and tokens per step + number of
-  checkpointed layers (`qadapter_utils.fast.checkpoint_layers`) chosen by a planner for a memory budget equal to the
-  baseline's measured peak by `qadapter_utils.memory.plan_tokens_per_step` (three probe steps calibrate its linear
-  memory and time model, `verify_plan` checks the choice on the fullest batch).
+- (a) the stock PEFT recipe: `prepare_model_for_kbit_training` (freezes the base, upcasts embeddings, norms and
+  lm_head to fp32, reentrant gradient checkpointing), `LoraConfig` + `get_peft_model`, batches of 8 padded to the
+  longest sample **with length grouping** (transformers' LengthGroupedSampler, what `group_by_length=True` uses),
+  loss from `model(..., labels=...)`; its measured peak is the memory budget of the others.
+- (b) the best stock recipe: the same PEFT model with padding-free batches of transformers'
+  `DataCollatorWithFlattening` (8 samples per row, position ids restarting per sample) and SDPA (transformers
+  builds the block-diagonal mask); also at ours' tokens per step (equal step size).
+- ours: `qadapter_utils.models.load_model` + `methods.add_adapter(model, "lora")`, trained by
+  `qadapter_utils.train.make_trainer` itself with its fast switches: packed_attention (varlen kernel, checked
+  below against per-sample attention), chunked_loss, tokens_per_step and checkpoint_layers chosen for the budget by
+  `qadapter_utils.memory.plan_tokens_per_step` (three probe steps calibrate its linear memory and time model,
+  `verify_plan` checks the choice on the fullest batch), --tiled-mlp / --offload when asked; timed by make_trainer's
+  StepStats callback over one epoch after 2 warm-up steps. Also at (b)'s mean tokens per step (equal step size) and
+  without a memory limit. The benchmark drops the adapter's fp32 edge casts on CUDA first (a no-op under autocast;
+  not yet a make_trainer switch). (a) and (b) run the benchmark's own loop (the same optimizer, clipping, autocast).
 
-Reported: real tokens/s (padding excluded, whole epoch after 2 warm-up steps), peak `max_memory_allocated`, MFU =
+Reported per recipe: real tokens/s (padding excluded, whole epoch after 2 warm-up steps), tokens per step, peak
+`max_memory_allocated`, MFU =
 4 * N * tokens/s / (the GPU's bf16 matmul rate measured in the same run), N = 6.74e9. Also: ours without a memory
 limit (for MFU), an ablation of ours' parts, LoRA vs prefix tuning vs a bottleneck adapter on the 4-bit base, a
 profiler summary of one step of each recipe, and correctness checks on the GPU (packed samples do not attend to
@@ -52,8 +56,9 @@ sys.path.insert(0, str(HERE))
 
 import lengths as mix  # noqa: E402
 from qadapter_utils import methods, models  # noqa: E402
+from qadapter_utils.data import token_batches as pack_order  # noqa: E402
 from qadapter_utils.fast import (PACKED_ATTENTION, PACKED_ATTENTION_SDPA, check_varlen_kernel,  # noqa: E402
-                                 checkpoint_layers, set_attention)
+                                 checkpoint_layers, offload_checkpoints, set_attention, tile_mlp)
 from qadapter_utils.loss import causal_lm_loss  # noqa: E402
 from qadapter_utils.memory import cost_from_probes, plan_tokens_per_step, verify_plan  # noqa: E402
 
@@ -275,23 +280,6 @@ def padded_batch(rows, idx, device, pad_id: int = 0) -> dict:
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def pack_order(lengths, max_tokens: int, seed: int = 0) -> list[list[int]]:
-    """Index batches of at most `max_tokens` tokens: samples in a random order, each batch filled greedily."""
-    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
-    batches, current, used = [], [], 0
-    for i in order:
-        if lengths[i] > max_tokens:
-            raise ValueError(f"a sample of {lengths[i]} tokens does not fit in {max_tokens} tokens per step")
-        if used + lengths[i] > max_tokens and current:
-            batches.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += lengths[i]
-    if current:
-        batches.append(current)
-    return batches
-
-
 def _flatten_collator():
     try:
         from qadapter_utils.data import make_collator
@@ -437,6 +425,58 @@ def profile_step(model, batch, loss_fn, optimizer, dtype, rows: int = 18) -> dic
             "top": table}
 
 
+def flattened_batches(rows, groups, device) -> list[dict]:
+    """The stock padding-free batches: transformers' DataCollatorWithFlattening as a user sets it up (one row per
+    batch, position ids restarting per sample, the first label of each sample -100), use_cache=False; with SDPA,
+    transformers builds the block-diagonal mask from the position ids."""
+    from transformers import DataCollatorWithFlattening
+
+    collate = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    out = []
+    for idx in groups:
+        batch = collate([{"input_ids": rows[i], "labels": rows[i]} for i in idx])
+        out.append({k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)} | {"use_cache": False})
+    return out
+
+
+def train_with_make_trainer(model, tok, rows, tokens_per_step: int, checkpointed: int, chunk: int,
+                            tiled_mlp: int | None, offload: bool, warmup: int = 2) -> dict:
+    """Ours as a learner runs it: qadapter_utils.train.make_trainer with the fast switches (packed attention,
+    chunked loss, tokens_per_step and checkpoint_layers from the planner, tiled MLP and offloaded checkpoints when
+    asked), constant learning rate 2e-4, gradient clipping 1.0, the Trainer's optimizer (paged AdamW 8-bit on
+    CUDA). `warmup` steps of a first trainer warm the kernels; a second trains one epoch, timed by make_trainer's
+    own StepStats callback (per step, data loading excluded; peak allocated since training began)."""
+    import tempfile
+
+    from qadapter_utils.train import StepStats, make_trainer, step_stats
+
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    common = dict(packing=True, max_length=None, chunked_loss=True, chunk_size=chunk, packed_attention=True,
+                  tiled_mlp=tiled_mlp, offload_checkpoints=offload, checkpoint_layers=checkpointed,
+                  tokens_per_step=tokens_per_step, learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0,
+                  weight_decay=0.0, max_grad_norm=1.0, save_strategy="no", logging_steps=10**6, disable_tqdm=True)
+    with tempfile.TemporaryDirectory(prefix="rvp-") as folder:
+        warm = make_trainer(model, tok, data, max_steps=warmup, output_dir=f"{folder}/warm", **common)
+        warm.train()
+        del warm
+        release()
+        trainer = make_trainer(model, tok, data, max_steps=-1, num_train_epochs=1, output_dir=f"{folder}/run",
+                               **common)
+        trainer.train()
+    stats = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StepStats))
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    seconds = sum(stats.step_seconds)
+    tokens = sum(len(r) for r in rows)
+    out = {"real_tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+           "steps": len(stats.step_seconds), "peak_bytes": stats.peak_bytes, "peak_gib": gib(stats.peak_bytes),
+           "peak_measure": stats.memory_kind, "median_step_s": round(step_stats(trainer)["seconds per step"], 4),
+           "train_loss": round(trainer.state.log_history[-1].get("train_loss", float("nan")), 4),
+           "finite": all(math.isfinite(x) for x in losses)}
+    del trainer
+    release()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the planner: tokens per step and checkpointed layers for a memory budget
 
@@ -567,6 +607,23 @@ def mfu(tokens_per_s, n, rate_tflops):
     return round(100 * 4 * n * tokens_per_s / (rate_tflops * 1e12), 1) if rate_tflops else None
 
 
+def compare(rows: list[dict]) -> list[dict]:
+    """Ours against (a) and (b): at the plan's tokens per step (each recipe at its own step size, same memory
+    budget) and at equal tokens per step (ours at (b)'s mean step; (b) at ours' step)."""
+    by = {r.get("key"): r for r in rows if r.get("tokens_per_s")}
+    pairs = [("ours vs (a), each at its own step size", "ours", "a"),
+             ("ours vs (b), each at its own step size", "ours", "b"),
+             ("equal tokens per step: ours vs (b) at (b)'s mean step", "ours at (b)'s tokens/step", "b"),
+             ("equal tokens per step: ours vs (b) at ours' step", "ours", "b at ours' tokens/step")]
+    out = []
+    for text, x, y in pairs:
+        if x in by and y in by:
+            pk_x, pk_y = by[x].get("peak_bytes"), by[y].get("peak_bytes")
+            out.append({"comparison": text, "speedup": round(by[x]["tokens_per_s"] / by[y]["tokens_per_s"], 2),
+                        "peak_ratio": round(pk_x / pk_y, 2) if pk_x and pk_y else None})
+    return out
+
+
 def write(out: Path, tag: str, result: dict):
     out.mkdir(parents=True, exist_ok=True)
     (out / f"recipe_vs_peft_{tag}.json").write_text(json.dumps(result, indent=1, default=str))
@@ -585,14 +642,23 @@ def markdown(res: dict) -> str:
              f"Length mix: {res.get('mix')}", ""]
     rows = res.get("main", [])
     if rows:
-        lines += ["| recipe | tokens/step | padding | real tokens/s | peak allocated | MFU | steps | vs baseline |",
-                  "|---|---|---|---|---|---|---|---|"]
-        base = next((r for r in rows if r["name"].startswith("baseline")), None)
+        lines += ["| recipe | tokens/step | checkpointed | padding | real tokens/s | peak allocated | MFU | steps | "
+                  "vs (a) | vs (b) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        base = {r.get("key"): r for r in rows if r.get("tokens_per_s")}
         for r in rows:
-            speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base and r.get("tokens_per_s") else ""
-            lines.append(f"| {r['name']} | {r.get('tokens_per_step', '')} | {r.get('padding_pct', 0)} % | "
-                         f"{r.get('tokens_per_s')} | {r.get('peak_gib')} GiB | {r.get('mfu_pct')} % | "
-                         f"{r.get('steps')} | {speed} |")
+            speed = [f"{r['tokens_per_s'] / base[k]['tokens_per_s']:.2f}x" if k in base and r.get("tokens_per_s")
+                     else "" for k in ("a", "b")]
+            lines.append(f"| {r['name']} | {r.get('tokens_per_step', '')} | {r.get('checkpointed', '')} | "
+                         f"{r.get('padding_pct', 0)} % | {r.get('tokens_per_s', r.get('error'))} | "
+                         f"{r.get('peak_gib')} GiB | {r.get('mfu_pct')} % | {r.get('steps')} | {speed[0]} | "
+                         f"{speed[1]} |")
+        lines.append("")
+        if not res.get("machine", {}).get("gpu_memory_gib"):
+            lines += ["CPU smoke run: the numbers are not GPU numbers; peaks are 0 for the own loops and make_trainer's "
+                      "CPU measure (saved activations + adapter state) for ours.", ""]
+    if res.get("comparison"):
+        lines += ["## Comparisons", "", "| comparison | speed-up | peak ratio |", "|---|---|---|"]
+        lines += [f"| {c['comparison']} | {c['speedup']}x | {c['peak_ratio']} |" for c in res["comparison"]]
         lines.append("")
     for key, title in (("ablation", "Ablation of ours (subset of the mix)"),
                        ("methods", "Adapter methods on the 4-bit base (subset of the mix)")):
@@ -646,6 +712,8 @@ def main(argv=None):
     ap.add_argument("--time-limit", type=float, default=330.0, help="skip optional parts past this many seconds")
     ap.add_argument("--chunk", type=int, default=2048, help="tokens per chunk of the chunked loss")
     ap.add_argument("--n-seq", type=int, default=mix.N_SEQUENCES, help="sequences in the length mix")
+    ap.add_argument("--tiled-mlp", type=int, default=0, help="ours: MLP tiles of this many tokens (0: off)")
+    ap.add_argument("--offload", action="store_true", help="ours: checkpoints offloaded to CPU memory")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: ablation,methods,profile,free")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -677,7 +745,7 @@ def main(argv=None):
     # the varlen kernel only where it agrees with per-sample SDPA on this GPU
     attention = PACKED_ATTENTION if res["checks"]["varlen_kernel"].get("ok", True) else PACKED_ATTENTION_SDPA
 
-    # ------------------------------------------------------------------ baseline: stock PEFT, length-grouped
+    # ------------------------------------------------------------------ (a) stock PEFT, length-grouped padding
     model, tok = peft_recipe(args.model, dtype)
     vocab = model.config.vocab_size
     rows = mix.token_rows(lengths, vocab)
@@ -685,31 +753,54 @@ def main(argv=None):
     N = N_7B if "7b" in args.model else n_params(model)
     res["n_for_mfu"] = N
     res["params_b"] = round(n_params(model) / 1e9, 2)
-    opt = make_optimizer(model)
+
+    def stock(name, batches, tokens_per_step, padding, key):
+        opt = make_optimizer(model)
+        try:
+            r = train_steps(model, batches, plain_loss, opt, dtype, real_tokens=total_tokens)
+        except torch.OutOfMemoryError as err:
+            r = {"error": f"out of memory ({str(err)[:120]})"}
+        r.update(name=name, key=key, tokens_per_step=tokens_per_step, padding_pct=padding,
+                 mfu_pct=mfu(r.get("tokens_per_s"), N, rate))
+        res["main"].append(r)
+        log(key, r)
+        write(out, tag, res)
+        del opt
+        release()
+        return r
+
     groups = grouped_batches(lengths, batch_size, grouped=True)
     batches = [padded_batch(rows, g, device) for g in groups]
-    pad = mix.padding_fraction(lengths, groups)
-    r = train_steps(model, batches, plain_loss, opt, dtype, real_tokens=total_tokens)
-    r.update(name="baseline: stock PEFT QLoRA, length-grouped padded batches", tokens_per_step=f"{batch_size} seqs",
-             padding_pct=round(100 * pad, 1), mfu_pct=mfu(r["tokens_per_s"], N, rate))
-    res["main"].append(r)
-    log("baseline", r)
+    r = stock("(a) stock PEFT QLoRA, length-grouped padded batches", batches, f"{batch_size} seqs",
+              round(100 * mix.padding_fraction(lengths, groups), 1), "a")
     budget = r["peak_bytes"] if on_cuda() else 10 * GIB
     if "profile" not in skip:
         try:
-            res["profiles"]["baseline (first, longest batch)"] = profile_step(model, batches[0], plain_loss, opt,
-                                                                              dtype)
+            res["profiles"]["(a) first, longest batch"] = profile_step(model, batches[0], plain_loss,
+                                                                       make_optimizer(model), dtype)
         except Exception as err:  # noqa: BLE001
             res["errors"].append(f"profile baseline: {type(err).__name__}: {err}")
-    write(out, tag, res)
-    del model, opt, batches
+    # (b) the best stock recipe: the same PEFT model, padding-free batches of transformers' own collator, SDPA
+    groups = grouped_batches(lengths, batch_size, grouped=False)
+    b_tokens = round(total_tokens / len(groups))
+    stock("(b) PEFT + DataCollatorWithFlattening + SDPA", flattened_batches(rows, groups, device),
+          f"{batch_size} seqs (mean {b_tokens} tokens)", 0.0, "b")
+    del model, batches
     release()
 
-    # ------------------------------------------------------------------ ours
+    # ------------------------------------------------------------------ ours, through make_trainer
     model, tok, info = ours_recipe(args.model, dtype, "lora", attention=attention)
+    info.update(tiled_mlp=args.tiled_mlp or None, offload_checkpoints=args.offload)
     res["settings"]["ours"] = info
-    opt = make_optimizer(model)
+    if args.tiled_mlp:
+        tile_mlp(model, args.tiled_mlp)
     loss_fn = chunked_loss(args.chunk)
+    if args.offload:
+        plain_chunked = loss_fn
+
+        def loss_fn(model, batch):  # the probes run as make_trainer(offload_checkpoints=True) will
+            with offload_checkpoints():
+                return plain_chunked(model, batch)
     try:
         res["checks"]["packing_isolation"] = check_packing_isolation(model, rows, device, dtype)
         res["checks"]["loss_and_grads_vs_plain"] = check_loss_and_grads(model, rows, device, dtype,
@@ -719,48 +810,60 @@ def main(argv=None):
     log("checks", res["checks"])
     write(out, tag, res)
 
-    def run_ours(name, budget_bytes, key):
-        plan = plan_for_budget(model, rows, lengths, budget_bytes, loss_fn, opt, dtype, probe_tokens, candidates,
-                               device)
+    def run_ours(name, budget_bytes, key, tokens_per_step=None):
+        """Plan for the budget (probe steps on this model), then train one epoch through make_trainer; with
+        tokens_per_step given, the planner only chooses the checkpointed layers for that step size."""
+        opt = make_optimizer(model)
+        plan = plan_for_budget(model, rows, lengths, budget_bytes, loss_fn, opt, dtype, probe_tokens,
+                               [tokens_per_step] if tokens_per_step else candidates, device)
+        del opt
+        release()
         res["plans"][key] = plan
         log("plan", key, {k: v for k, v in plan.items() if k != "probes"})
-        groups = pack_order(lengths, plan["tokens_per_step"])
-        batches = [packed_batch(rows, g, device) for g in groups]
-        out_r = train_steps(model, batches, loss_fn, opt, dtype, real_tokens=total_tokens)
-        out_r.update(name=name, tokens_per_step=plan["tokens_per_step"],
-                     checkpointed=f"{plan['checkpointed_layers']}/{plan['layers']}", padding_pct=0.0,
-                     mfu_pct=mfu(out_r["tokens_per_s"], N, rate), within_budget=out_r["peak_bytes"] <= budget_bytes)
-        log(key, out_r)
-        return out_r, batches
+        r = train_with_make_trainer(model, tok, rows, plan["tokens_per_step"], plan["checkpointed_layers"],
+                                    args.chunk, args.tiled_mlp or None, args.offload)
+        r.update(name=name, key=key, tokens_per_step=plan["tokens_per_step"], padding_pct=0.0,
+                 checkpointed=f"{plan['checkpointed_layers']}/{plan['layers']}",
+                 mfu_pct=mfu(r["tokens_per_s"], N, rate),
+                 within_budget=r["peak_bytes"] <= budget_bytes if on_cuda() else None)
+        res["main"].append(r)
+        log(key, r)
+        write(out, tag, res)
+        return plan
 
-    r, ours_batches = run_ours(f"ours: qadapter_utils recipe, budget = baseline peak ({gib(budget)} GiB)", budget,
-                               "ours at the baseline's peak")
-    res["main"].append(r)
-    write(out, tag, res)
-    if "profile" not in skip:
+    parts = [("ours: make_trainer, budget = (a)'s peak", budget, "ours", None),
+             ("ours: make_trainer at (b)'s tokens per step", budget, "ours at (b)'s tokens/step",
+              max(b_tokens, max(lengths)))]
+    if "free" not in skip:
+        free = int(0.85 * torch.cuda.get_device_properties(0).total_memory) if on_cuda() else 20 * GIB
+        parts.append((f"ours: make_trainer without a memory limit ({gib(free)} GiB)", free, "ours, no limit", None))
+    for name, budget_bytes, key, tokens in parts:
+        if key != "ours" and time.perf_counter() - t_start > args.time_limit:
+            res["errors"].append(f"{key}: skipped (time limit)")
+            continue
         try:
-            fullest = max(ours_batches, key=lambda b: b["input_ids"].shape[1])
-            res["profiles"]["ours (fullest batch)"] = profile_step(model, fullest, loss_fn, opt, dtype)
+            run_ours(name, budget_bytes, key, tokens)
+        except Exception as err:  # noqa: BLE001
+            res["errors"].append(f"{key}: {type(err).__name__}: {str(err)[:300]}")
+            log("error", key, err)
+        release()
+    plan = res["plans"].get("ours") or {}
+    if "profile" not in skip and plan:
+        try:
+            checkpoint_layers(model, plan["checkpointed_layers"])
+            fullest = max(pack_order(lengths, plan["tokens_per_step"]), key=lambda g: sum(lengths[i] for i in g))
+            res["profiles"]["ours (fullest batch)"] = profile_step(model, packed_batch(rows, fullest, device),
+                                                                   loss_fn, make_optimizer(model), dtype)
         except Exception as err:  # noqa: BLE001
             res["errors"].append(f"profile ours: {type(err).__name__}: {err}")
-    del ours_batches
-    release()
-    if "free" not in skip and time.perf_counter() - t_start < args.time_limit:
-        free = int(0.85 * torch.cuda.get_device_properties(0).total_memory) if on_cuda() else 20 * GIB
-        try:
-            r, b = run_ours(f"ours without a memory limit (budget {gib(free)} GiB)", free, "ours, memory no limit")
-            del b
-            res["main"].append(r)
-        except Exception as err:  # noqa: BLE001
-            res["errors"].append(f"ours free: {type(err).__name__}: {err}")
-        release()
     write(out, tag, res)
 
     # ------------------------------------------------------------------ ablation of ours (subset, fixed shape)
     sub_lengths, sub_rows = lengths[:subset], rows[:subset]
     sub_tokens = sum(sub_lengths)
-    if "ablation" not in skip and time.perf_counter() - t_start < args.time_limit:
-        T = res["plans"]["ours at the baseline's peak"]["tokens_per_step"]
+    if "ablation" not in skip and plan and time.perf_counter() - t_start < args.time_limit:
+        T = plan["tokens_per_step"]
+        opt = make_optimizer(model)
         checkpoint_layers(model, num_layers(model))
         variants = [
             ("packed, transformers' SDPA packed mask, plain loss", "sdpa", plain_loss),
@@ -785,8 +888,7 @@ def main(argv=None):
         write(out, tag, res)
 
     # ------------------------------------------------------------------ methods: LoRA vs prefix vs bottleneck
-    if "methods" not in skip and time.perf_counter() - t_start < args.time_limit:
-        plan = res["plans"]["ours at the baseline's peak"]
+    if "methods" not in skip and plan and time.perf_counter() - t_start < args.time_limit:
         groups_pad = grouped_batches(sub_lengths, batch_size, grouped=True)
         pad_batches = [padded_batch(sub_rows, g, device) for g in groups_pad]
         current = info["adapter"]
@@ -831,6 +933,18 @@ def main(argv=None):
                 log("method error", method, err)
             release()
             write(out, tag, res)
+    # ------------------------------------------------------------------ (b) at ours' tokens per step (equal T)
+    del model
+    opt = None
+    release()
+    if plan and time.perf_counter() - t_start < args.time_limit + 60:
+        model, tok = peft_recipe(args.model, dtype)
+        T = plan["tokens_per_step"]
+        stock(f"(b) PEFT + DataCollatorWithFlattening + SDPA at ours' {T} tokens/step",
+              flattened_batches(rows, pack_order(lengths, T), device), T, 0.0, "b at ours' tokens/step")
+        del model
+        release()
+    res["comparison"] = compare(res["main"])
     res["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     write(out, tag, res)
     print(markdown(res))

@@ -318,6 +318,51 @@ def make_collator(tokenizer, packing: bool = True, pad_to_multiple_of: int | Non
                                               pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt"))
 
 
+def token_batches(lengths: Sequence[int], max_tokens: int, seed: int = 0) -> list[list[int]]:
+    """Index batches of at most `max_tokens` tokens for packing: the samples in a random order (`seed`), each batch
+    filled greedily until the next sample would not fit. A sample longer than max_tokens raises ValueError.
+    (make_trainer(tokens_per_step=...) batches this way; 05_training)"""
+    import torch
+
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens!r}: tokens per batch, an integer >= 1")
+    longest = max(lengths, default=0)
+    if longest > max_tokens:
+        raise ValueError(f"a sample of {longest} tokens does not fit in {max_tokens} tokens per batch: pass at "
+                         f"least {longest} (the longest sample) or cut the samples")
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    batches, current, used = [], [], 0
+    for i in order:
+        if used + lengths[i] > max_tokens and current:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    if current:
+        batches.append(current)
+    return batches
+
+
+class TokenBatchSampler:
+    """A batch sampler (DataLoader(batch_sampler=...)) of token_batches(lengths, max_tokens, seed): the batches
+    are formed once; each epoch (set_epoch) visits them in another order. (05_training)"""
+
+    def __init__(self, lengths: Sequence[int], max_tokens: int, seed: int = 0):
+        self.batches, self.seed, self.epoch = token_batches(lengths, max_tokens, seed), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.batches)))
+        rng.shuffle(order)
+        return iter([self.batches[i] for i in order])
+
+
 def padding_fraction(lengths: Sequence[int], batch_size: int, strategy: str = "random", seed: int = 0) -> float:
     """Fraction of the token slots that are padding when `lengths` are batched `batch_size` at a time and each
     batch is padded to its longest sample. strategy: "random" (a shuffled order, the Trainer's default sampler),

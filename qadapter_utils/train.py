@@ -180,7 +180,7 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
                  chunk_size: int = 2048,
                  # TODO(#13): switch on by default on CUDA once benchmarks/ measures make_trainer with it
                  packed_attention: bool = False, tiled_mlp: int | None = None, offload_checkpoints: bool = False,
-                 checkpoint_layers: int | None = None, **overrides):
+                 checkpoint_layers: int | None = None, tokens_per_step: int | None = None, **overrides):
     """An `adapters.AdapterTrainer` for `model` (with an adapter set to train, e.g. by
     qadapter_utils.methods.add_adapter) on `train` / `eval` (datasets or lists of prompt/answer rows, or rows
     already tokenized with input_ids/labels).
@@ -210,7 +210,10 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     saves for backward waits in CPU memory). checkpoint_layers=n checkpoints only the first n decoder layers
     (fast.checkpoint_layers, applied when training starts, after the Trainer enables checkpointing on all of them);
     it turns gradient checkpointing on (non-reentrant) unless gradient_checkpointing=False is passed, which with
-    n > 0 is refused. (05_training)"""
+    n > 0 is refused. tokens_per_step=T (needs packing=True) forms each training batch from whole samples up to T
+    tokens (data.TokenBatchSampler: the rows in a random order filled greedily, per_device_train_batch_size is then
+    unused; an optimizer step sees gradient_accumulation_steps such batches); memory.plan_tokens_per_step chooses
+    T and checkpoint_layers for a memory budget. (05_training)"""
     if not hasattr(model, "adapters_config") or model.active_adapters is None:
         raise ValueError("the model has no active adapter: add one first, e.g. "
                          "qadapter_utils.methods.add_adapter(model, 'lora') (it also sets it to train)")
@@ -236,6 +239,13 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     _check_budget(args, max_length)
     switches = dict(packed_attention=packed_attention, tiled_mlp=tiled_mlp, checkpoint_layers=checkpoint_layers)
     _fast_pieces(model, packing, **switches, apply=False)  # misuse refused before anything is written
+    if tokens_per_step is not None:
+        check_number("tokens_per_step", tokens_per_step, low=1, integer=True,
+                     hint="tokens per training batch, at least the longest row (or None: per_device_train_batch_size "
+                          "rows per batch)")
+        if not packing:
+            raise UsageError("tokens_per_step needs packing=True (padded batches are counted in rows: use "
+                             "per_device_train_batch_size)")
     if "warmup_steps" not in overrides and "warmup_ratio" not in overrides:  # 5% linear warmup
         if args["max_steps"] > 0:
             args["warmup_steps"] = max(1, int(args["max_steps"]) // 20)
@@ -250,6 +260,12 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
         output_dir = Path(tempfile.mkdtemp(prefix="qadapter-run-"))
     arguments = TrainingArguments(output_dir=str(output_dir), **args)
     identity = run_identity(model, train, arguments, packing)
+    if tokens_per_step is not None:
+        longest = max(len(row["input_ids"]) for row in train)
+        if longest > tokens_per_step:
+            raise UsageError(f"tokens_per_step={tokens_per_step} is below the longest training row ({longest} "
+                             f"tokens): pass tokens_per_step >= {longest}")
+        identity["tokens_per_step"] = tokens_per_step  # it shapes the trajectory like the batch size does
     _claim_output_dir(output_dir, identity, resume, overwrite)
 
     from qadapter_utils.weights import keep_4bit_layers_trainable
@@ -265,6 +281,7 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
                              data_collator=make_collator(tokenizer, packing=packing), processing_class=tokenizer,
                              callbacks=[stats, *fast_pieces, *callbacks])
     trainer.qadapter_identity = identity
+    trainer.qadapter_tokens_per_step = tokens_per_step
     if chunked_loss:
         from qadapter_utils.loss import chunked_compute_loss
 
@@ -333,6 +350,20 @@ def _trainer_class():
                     _check_resumable(checkpoint, getattr(self, "qadapter_identity", None))
                     resume_from_checkpoint = str(checkpoint)
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+        def get_train_dataloader(self):
+            tokens = getattr(self, "qadapter_tokens_per_step", None)
+            if tokens is None:
+                return super().get_train_dataloader()
+            from torch.utils.data import DataLoader
+
+            from qadapter_utils.data import TokenBatchSampler
+
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            sampler = TokenBatchSampler([len(row["input_ids"]) for row in self.train_dataset], tokens, seed)
+            return self.accelerator.prepare(DataLoader(
+                self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory))
 
         def _save(self, output_dir=None, state_dict=None):
             save_all = getattr(self.model, "save_all_adapters", None)

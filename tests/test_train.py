@@ -146,3 +146,27 @@ def test_chunked_loss_trains_like_the_plain_loss(tmp_path):
     # compared tightly in tests/test_loss.py.
     assert torch.allclose(w_plain, w_chunk, atol=2e-4)
     assert abs(e_plain - e_chunk) < 1e-4 * abs(e_plain)
+
+
+def test_tokens_per_step_batches_whole_rows_up_to_the_budget(tmp_path):
+    from qadapter_utils.data import token_batches
+    from qadapter_utils.guards import UsageError
+
+    model, tok = load_model("tiny", bits=4)
+    add_adapter(model, "lora")
+    rows = TRAIN[:40]
+    trainer = make_trainer(model, tok, rows, tokens_per_step=160, max_steps=2, output_dir=tmp_path / "run",
+                           save_strategy="no", disable_tqdm=True)
+    lengths = [len(r["input_ids"]) for r in trainer.train_dataset]
+    batches = list(trainer.get_train_dataloader())
+    assert sum(int(b["input_ids"].numel()) for b in batches) == sum(lengths)  # every row once, no padding
+    assert all(b["input_ids"].shape[0] == 1 and b["input_ids"].shape[1] <= 160 for b in batches)
+    assert len(batches) == len(token_batches(lengths, 160)) < len(rows)
+    trainer.train()
+    assert step_stats(trainer)["steps"] == 2
+    with pytest.raises(UsageError, match="longest training row"):
+        make_trainer(model, tok, rows, tokens_per_step=max(lengths) - 1, output_dir=tmp_path / "a")
+    with pytest.raises(UsageError, match="needs packing=True"):
+        make_trainer(model, tok, rows, tokens_per_step=160, packing=False, output_dir=tmp_path / "b")
+    with pytest.raises(ValueError, match="does not fit"):
+        token_batches([5, 9], 8)

@@ -1,0 +1,23 @@
+"""benchmarks/recipe_vs_peft.py --model tiny --quick runs on the CPU (every code path, tiny numbers): only where
+peft is importable (it is not a dependency of the package)."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed (benchmark baseline)")
+def test_recipe_vs_peft_quick_runs(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recipe_vs_peft.py"), "--model", "tiny",
+                           "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / "recipe_vs_peft_cpu.md").read_text()
+    for recipe in ("(a) stock PEFT", "(b) PEFT + DataCollatorWithFlattening + SDPA", "ours: make_trainer"):
+        assert recipe in md
+    assert "## Comparisons" in md and "## Errors" not in md
