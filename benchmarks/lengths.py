@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from typing import Sequence
+from collections.abc import Sequence
 
 MEDIAN = 256
 SIGMA = 0.75
@@ -73,7 +73,7 @@ def fit_lognormal(lengths: Sequence[int]) -> dict:
     return {"median": round(math.exp(statistics.fmean(logs)), 1), "sigma": round(statistics.stdev(logs), 3)}
 
 
-def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+def batches_padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
     """Fraction of token slots that are padding when each batch (a list of indices into `lengths`) is padded
     to its longest sample."""
     slots = sum(max(lengths[i] for i in b) * len(b) for b in batches)

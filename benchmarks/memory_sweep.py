@@ -151,7 +151,7 @@ def load(model_name: str, bits: int, double_quant: bool, compute_dtype=None):
         from qadapter_utils.env import default_compute_dtype
 
         dtype = getattr(torch, compute_dtype) if compute_dtype else default_compute_dtype()
-        path = models._random_checkpoint(model_name.split(":", 1)[1], dtype)
+        path = models.random_checkpoint(model_name.split(":", 1)[1], dtype)
         model = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=models.bnb_config(bits, "nf4", double_quant, dtype), dtype=dtype,
             device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"})
@@ -190,7 +190,7 @@ def timeline_step(model, batch_size, seq_len, optimizer_name, steps=2) -> list:
     batch = memory.random_batch(model, batch_size, seq_len)
     model.train()
     tl = _Timeline()
-    for step in range(steps):
+    for _step in range(steps):
         tl.rows.clear()
         torch.cuda.reset_peak_memory_stats()
         with tl.mode:

@@ -55,10 +55,18 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import lengths as mix  # noqa: E402
-from qadapter_utils import methods, models  # noqa: E402
+
+from qadapter_utils import methods, models, weights  # noqa: E402
 from qadapter_utils.data import token_batches as pack_order  # noqa: E402
-from qadapter_utils.fast import (PACKED_ATTENTION, PACKED_ATTENTION_SDPA, check_varlen_kernel,  # noqa: E402
-                                 checkpoint_layers, offload_checkpoints, set_attention, tile_mlp)
+from qadapter_utils.fast import (  # noqa: E402
+    PACKED_ATTENTION,
+    PACKED_ATTENTION_SDPA,
+    check_varlen_kernel,
+    checkpoint_layers,
+    offload_checkpoints,
+    set_attention,
+    tile_mlp,
+)
 from qadapter_utils.loss import causal_lm_loss  # noqa: E402
 from qadapter_utils.memory import cost_from_probes, plan_tokens_per_step, verify_plan  # noqa: E402
 
@@ -204,15 +212,7 @@ def drop_redundant_casts(model) -> int:
     no-op round trip (autocast casts the fp32 copy straight back to bf16 for the matmul), so removing them changes
     no result; it saves a (tokens x hidden) fp32 copy per adapted layer and two passes over it. Returns the
     number of hook pairs removed."""
-    removed = 0
-    for module in model.modules():
-        hooks = getattr(module, "_qadapter_cast_hooks", ())
-        for handle in hooks:
-            handle.remove()
-        if hooks:
-            removed += 1
-            module._qadapter_cast_hooks = ()
-    return removed
+    return methods.remove_cast_hooks(model)
 
 
 def ours_recipe(model_name: str, dtype, method: str = "lora", model=None, attention=PACKED_ATTENTION):
@@ -237,7 +237,8 @@ def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def make_optimizer(model, lr=2e-4):
+def paged_adamw_8bit(model, lr=2e-4):
+    """Both recipes' optimizer on their trainable parameters (memory.make_optimizer takes a name and parameters)."""
     import bitsandbytes as bnb
 
     return bnb.optim.PagedAdamW8bit(trainable(model), lr=lr)
@@ -245,11 +246,7 @@ def make_optimizer(model, lr=2e-4):
 
 def n_params(model) -> int:
     """Parameters the model stands for (a packed 4-bit parameter holds two weights per byte)."""
-    total = 0
-    for p in model.parameters():
-        qs = getattr(p, "quant_state", None)
-        total += int(torch.Size(qs.shape).numel()) if qs is not None and getattr(qs, "shape", None) else p.numel()
-    return total
+    return sum(weights.logical_numel(p) for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -638,7 +635,8 @@ def markdown(res: dict) -> str:
              f"{res.get('n_for_mfu'):.3g}), 4-bit NF4 + double quant, bf16 compute; LoRA r=16 alpha=32 on q,v; "
              f"paged AdamW 8-bit; torch {m.get('torch')}, transformers {m.get('transformers')}, peft "
              f"{m.get('peft')}, adapters {m.get('adapters')}, bitsandbytes {m.get('bitsandbytes')}. Measured bf16 "
-             f"matmul rate: **{rate} TFLOP/s** ({res.get('matmul', {}).get('n')}^3 products, median). MFU = 4 N tokens/s / rate.", "",
+             f"matmul rate: **{rate} TFLOP/s** ({res.get('matmul', {}).get('n')}^3 products, median). "
+             "MFU = 4 N tokens/s / rate.", "",
              f"Length mix: {res.get('mix')}", ""]
     rows = res.get("main", [])
     if rows:
@@ -654,8 +652,8 @@ def markdown(res: dict) -> str:
                          f"{speed[1]} |")
         lines.append("")
         if not res.get("machine", {}).get("gpu_memory_gib"):
-            lines += ["CPU smoke run: the numbers are not GPU numbers; peaks are 0 for the own loops and make_trainer's "
-                      "CPU measure (saved activations + adapter state) for ours.", ""]
+            lines += ["CPU smoke run: the numbers are not GPU numbers; peaks are 0 for the own loops and "
+                      "make_trainer's CPU measure (saved activations + adapter state) for ours.", ""]
     if res.get("comparison"):
         lines += ["## Comparisons", "", "| comparison | speed-up | peak ratio |", "|---|---|---|"]
         lines += [f"| {c['comparison']} | {c['speedup']}x | {c['peak_ratio']} |" for c in res["comparison"]]
@@ -755,7 +753,7 @@ def main(argv=None):
     res["params_b"] = round(n_params(model) / 1e9, 2)
 
     def stock(name, batches, tokens_per_step, padding, key):
-        opt = make_optimizer(model)
+        opt = paged_adamw_8bit(model)
         try:
             r = train_steps(model, batches, plain_loss, opt, dtype, real_tokens=total_tokens)
         except torch.OutOfMemoryError as err:
@@ -772,12 +770,12 @@ def main(argv=None):
     groups = grouped_batches(lengths, batch_size, grouped=True)
     batches = [padded_batch(rows, g, device) for g in groups]
     r = stock("(a) stock PEFT QLoRA, length-grouped padded batches", batches, f"{batch_size} seqs",
-              round(100 * mix.padding_fraction(lengths, groups), 1), "a")
+              round(100 * mix.batches_padding_fraction(lengths, groups), 1), "a")
     budget = r["peak_bytes"] if on_cuda() else 10 * GIB
     if "profile" not in skip:
         try:
             res["profiles"]["(a) first, longest batch"] = profile_step(model, batches[0], plain_loss,
-                                                                       make_optimizer(model), dtype)
+                                                                       paged_adamw_8bit(model), dtype)
         except Exception as err:  # noqa: BLE001
             res["errors"].append(f"profile baseline: {type(err).__name__}: {err}")
     # (b) the best stock recipe: the same PEFT model, padding-free batches of transformers' own collator, SDPA
@@ -813,7 +811,7 @@ def main(argv=None):
     def run_ours(name, budget_bytes, key, tokens_per_step=None):
         """Plan for the budget (probe steps on this model), then train one epoch through make_trainer; with
         tokens_per_step given, the planner only chooses the checkpointed layers for that step size."""
-        opt = make_optimizer(model)
+        opt = paged_adamw_8bit(model)
         plan = plan_for_budget(model, rows, lengths, budget_bytes, loss_fn, opt, dtype, probe_tokens,
                                [tokens_per_step] if tokens_per_step else candidates, device)
         del opt
@@ -853,7 +851,7 @@ def main(argv=None):
             checkpoint_layers(model, plan["checkpointed_layers"])
             fullest = max(pack_order(lengths, plan["tokens_per_step"]), key=lambda g: sum(lengths[i] for i in g))
             res["profiles"]["ours (fullest batch)"] = profile_step(model, packed_batch(rows, fullest, device),
-                                                                   loss_fn, make_optimizer(model), dtype)
+                                                                   loss_fn, paged_adamw_8bit(model), dtype)
         except Exception as err:  # noqa: BLE001
             res["errors"].append(f"profile ours: {type(err).__name__}: {err}")
     write(out, tag, res)
@@ -863,7 +861,7 @@ def main(argv=None):
     sub_tokens = sum(sub_lengths)
     if "ablation" not in skip and plan and time.perf_counter() - t_start < args.time_limit:
         T = plan["tokens_per_step"]
-        opt = make_optimizer(model)
+        opt = paged_adamw_8bit(model)
         checkpoint_layers(model, num_layers(model))
         variants = [
             ("packed, transformers' SDPA packed mask, plain loss", "sdpa", plain_loss),
@@ -907,7 +905,7 @@ def main(argv=None):
                 current = methods.add_adapter(model, method, gradient_checkpointing=True)
                 if on_cuda():
                     drop_redundant_casts(model)
-                opt = make_optimizer(model)
+                opt = paged_adamw_8bit(model)
                 checkpoint_layers(model, num_layers(model))
                 n_train = sum(p.numel() for p in trainable(model))
                 r = train_steps(model, pad_batches, loss_fn, opt, dtype, real_tokens=sub_tokens)

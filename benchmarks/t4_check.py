@@ -42,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import recipe_vs_peft as rv  # noqa: E402  (also puts the repository root on sys.path)
+
 from qadapter_utils import methods, models  # noqa: E402
 from qadapter_utils.fast import offload_checkpoints, set_attention, tile_mlp, untile_mlp  # noqa: E402
 from qadapter_utils.loss import causal_lm_loss  # noqa: E402
@@ -54,11 +55,11 @@ MLP_TILE = 4096
 def load_fp16(model_name: str, dtype):
     """The 4-bit model with compute dtype `dtype`. For "random:<shape>" the checkpoint load_model already saved
     (bf16) is loaded with dtype=fp16 instead of building a second one."""
-    if not model_name.startswith("random:") or not hasattr(models, "_random_checkpoint"):
+    if not model_name.startswith("random:") or not hasattr(models, "random_checkpoint"):
         return models.load_model(model_name, bits=4, compute_dtype=dtype)[0]
     from transformers import AutoModelForCausalLM
 
-    folder = models._random_checkpoint(model_name.split(":", 1)[1], torch.bfloat16)
+    folder = models.random_checkpoint(model_name.split(":", 1)[1], torch.bfloat16)
     device_map = {"": 0} if rv.on_cuda() else {"": "cpu"}
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=models.bnb_config(4, compute_dtype=dtype),
                                                 dtype=dtype, device_map=device_map)
@@ -91,7 +92,8 @@ def ours_config(model, name: str):
 CONFIGS = ["chunked loss", "chunked loss + tiled MLP", "chunked loss + tiled MLP + offloaded checkpoints"]
 
 
-def random_batch(length: int, vocab: int, device, seed: int = 0) -> dict:
+def random_row(length: int, vocab: int, device, seed: int = 0) -> dict:
+    """One row of `length` random tokens (memory.random_batch sizes a batch from a model instead)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (1, length), generator=g)
     ids[0, 0] = 1
@@ -117,9 +119,9 @@ def attempt(model, length, loss_fn, optimizer, dtype, vocab, device, steps: int 
     rv.reset_peak()
     error = None
     try:
-        batch = random_batch(length, vocab, device)
+        batch = random_row(length, vocab, device)
         scaler = torch.amp.GradScaler("cuda") if (rv.on_cuda() and dtype == torch.float16) else None
-        times, loss = [], None
+        times = []
         for _ in range(steps):
             seconds, _ = rv.one_step(model, batch, loss_fn, optimizer, dtype, scaler=scaler)
             times.append(seconds)
@@ -146,7 +148,7 @@ def compare_full_vs_plain(model, dtype, vocab, device, length: int = 512) -> dic
     fullest configuration (chunked loss in chunks of 128, MLP tiles of 128, offloaded checkpoints) on
     one sequence of `length` tokens."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    batch = random_batch(length, vocab, device, seed=7)
+    batch = random_row(length, vocab, device, seed=7)
 
     def run(fn):
         for p in params.values():
@@ -239,7 +241,7 @@ def main(argv=None):
         model = load_fp16(args.model, dtype)
         model, _ = rv.peft_recipe(args.model, dtype, model=model)
         vocab = model.config.vocab_size
-        opt = rv.make_optimizer(model)
+        opt = rv.paged_adamw_8bit(model)
         search_lengths(res, model, peft_lengths, rv.plain_loss, opt, dtype, vocab, device, "stock PEFT",
                        "plain loss, reentrant checkpointing")
         del model, opt
@@ -256,7 +258,7 @@ def main(argv=None):
         rv.drop_redundant_casts(model)
     model.train()
     vocab = model.config.vocab_size
-    opt = rv.make_optimizer(model)
+    opt = rv.paged_adamw_8bit(model)
     try:
         res["checks"]["full configuration vs plain recipe"] = compare_full_vs_plain(model, dtype, vocab, device,
                                                                                     length=128 if args.quick else 512)

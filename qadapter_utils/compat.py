@@ -11,7 +11,8 @@ double quant) x architecture (Llama: the embedded "tiny" model; Mistral with gro
     python -m qadapter_utils.compat            # writes docs/compat_matrix.md and docs/compat_matrix.json
 
 tests/test_compat.py regenerates it and compares with the committed table. Introduced in
-notebooks/04_adapters_on_quantized.ipynb. Needs qadapter_utils.methods (and qadapter_utils.models to load models).
+notebooks/04_adapters_on_quantized.ipynb. Needs methods, models (to load models) and
+tiny/corpus.py (the held-out batch); methods and models need guards, weights, env and quant in turn.
 """
 from __future__ import annotations
 
@@ -25,7 +26,18 @@ from pathlib import Path
 
 import torch
 
-from qadapter_utils.methods import AdapterMethodError, DESCRIPTIONS, add_adapter, load_adapter, save_adapter
+try:  # inside the qadapter_utils package
+    from .methods import DESCRIPTIONS, AdapterMethodError, add_adapter, load_adapter, save_adapter
+except ImportError:  # copied next to methods.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from methods import DESCRIPTIONS, AdapterMethodError, add_adapter, load_adapter, save_adapter
+try:  # inside the qadapter_utils package
+    from .models import load_model
+except ImportError:  # copied next to models.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from models import load_model
+try:  # inside the qadapter_utils package
+    from .tiny.corpus import corpus
+except ImportError:  # copied next to corpus.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from corpus import corpus
 
 # The presets of qadapter_utils.methods, less close variants (prefix_flat, compacter++, noreft, direft) to keep
 # the whole matrix around a minute on a small CPU.
@@ -41,8 +53,6 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def _load(model_name: str, precision: str):
-    from qadapter_utils.models import load_model
-
     model, tokenizer = load_model(model_name, **PRECISIONS[precision])
     model.qadapter_batch = _batch(tokenizer)
     return model
@@ -51,8 +61,6 @@ def _load(model_name: str, precision: str):
 def _batch(tokenizer) -> dict:
     """BATCH x SEQ_LEN tokens of held-out text from the embedded corpus, the last row cut to 2/3 and padded (as in
     a real batch: an attention mask exists, which is where prefix tuning under SDPA goes wrong)."""
-    from qadapter_utils.tiny.corpus import corpus
-
     texts = corpus("validation", n_paragraphs=BATCH)
     batch = tokenizer(texts, return_tensors="pt", truncation=True, max_length=SEQ_LEN, padding="max_length")
     cut = 2 * SEQ_LEN // 3

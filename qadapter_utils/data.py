@@ -22,15 +22,14 @@ other (tests/test_data.py checks the logits). Two things switch that off silentl
 with a packed row, and a KV cache (Llama makes one whenever use_cache is on, also during training without
 gradient checkpointing) -- so make_collator's packed batches carry use_cache=False.
 
-Introduced in notebooks/05_training.ipynb. Needs qadapter_utils.tiny.corpus (only for the embedded task).
+Introduced in notebooks/05_training.ipynb. Needs tiny/corpus.py only for the embedded task
+(world_qa, load_instruction_data('world')); copied, corpus.py sits next to data.py.
 """
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
-
-from qadapter_utils.tiny.corpus import NUMBER_WORDS, world
 
 #: The prompt template of the embedded task: short, because every prompt token costs compute (the tiny tokenizer
 #: spells unknown words letter by letter). Hub datasets keep their own format (see split_conversation).
@@ -50,6 +49,15 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
 }
 FACT_KINDS = ("town", "job", "pet", "food")
 ARITHMETIC_KINDS = ("plus", "minus")
+
+
+def _corpus():
+    """tiny/corpus.py, needed only by the embedded task: inside the package, or copied next to data.py."""
+    try:
+        from .tiny import corpus
+    except ImportError:  # copied next to corpus.py (the copy-alone rule: qadapter_utils/__init__.py)
+        import corpus
+    return corpus
 
 
 def format_prompt(question: str) -> str:
@@ -78,7 +86,7 @@ def _arithmetic_examples(pairs, kinds, style) -> list[dict]:
             if kind == "minus" and a < b:
                 continue
             value = a + b if kind == "plus" else a - b
-            wa, wb, wv = NUMBER_WORDS[a], NUMBER_WORDS[b], NUMBER_WORDS[value]
+            wa, wb, wv = (_corpus().NUMBER_WORDS[k] for k in (a, b, value))
             answer = wv if style == "word" else f"{wa.capitalize()} {kind} {wb} is {wv}."
             for phrasing in QUESTIONS[kind]:
                 out.append({"prompt": format_prompt(phrasing.format(a=wa, b=wb)), "answer": answer, "kind": kind,
@@ -107,7 +115,7 @@ def world_qa(kinds: Sequence[str] = FACT_KINDS, holdout: str = "facts", style: s
     unknown = sorted(set(kinds) - set(QUESTIONS))
     if unknown or not kinds:
         raise ValueError(f"unknown question kinds {unknown or list(kinds)}: choose from {list(QUESTIONS)}")
-    people = world()
+    people = _corpus().world()
     rng = random.Random(seed)
     order = list(range(len(people)))
     rng.shuffle(order)

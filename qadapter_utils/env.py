@@ -54,9 +54,8 @@ def bitsandbytes_backend() -> str:
     """Which bitsandbytes kernels run here: 'cuda', 'cpu' (the multi-backend CPU kernels) or 'missing'."""
     if installed_version("bitsandbytes") is None:
         return "missing"
-    import torch
-
     import bitsandbytes  # noqa: F401  (registers its kernels)
+    import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 

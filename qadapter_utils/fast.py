@@ -32,7 +32,8 @@ What each one patches, so that a transformers or adapters upgrade that moves it 
   stays on the GPU. Without checkpointing every saved activation is offloaded (slow; measure first).
 
 Introduced in notebooks/05_training.ipynb (speed: benchmarks/recipe_vs_peft.py and benchmarks/t4_check.py measure
-them on a GPU). Needs qadapter_utils.methods (decoder_layers) and qadapter_utils.guards (UsageError).
+them on a GPU). Needs methods (decoder_layers; methods itself needs guards and weights) and guards
+(UsageError).
 """
 from __future__ import annotations
 
@@ -44,8 +45,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from qadapter_utils.guards import UsageError, check_number
-from qadapter_utils.methods import decoder_layers
+try:  # inside the qadapter_utils package
+    from .guards import UsageError, check_number
+except ImportError:  # copied next to guards.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from guards import UsageError, check_number
+try:  # inside the qadapter_utils package
+    from .methods import decoder_layers
+except ImportError:  # copied next to methods.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from methods import decoder_layers
 
 #: the name packed_attention is registered under (varlen kernel on a CUDA GPU when there is one)
 PACKED_ATTENTION = "qadapter_packed"

@@ -17,9 +17,9 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from numbers import Real
 from pathlib import Path
-from typing import Iterator
 
 
 class UsageError(ValueError):

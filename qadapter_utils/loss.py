@@ -23,8 +23,9 @@ states; calling the decoder `model.model` directly would skip the forward contex
 tuning needs) and this loss on lm_head's weight; it works on plain transformers models, on models with AdapterHub
 adapters and on peft models (lm_head found through `get_base_model()`).
 
-Used by qadapter_utils.train.make_trainer(chunked_loss=True) and benchmarks/ (memory: 07_memory_profiling). Works when copied alone (needs only torch;
-transformers for the model).
+Used by qadapter_utils.train.make_trainer(chunked_loss=True) and benchmarks/ (memory: 07_memory_profiling).
+Imports no sibling: works when copied alone (needs only torch; transformers for the model). -100, the ignored
+label, is PyTorch's cross_entropy default.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
 DEFAULT_CHUNK = 2048
 
 
@@ -94,7 +94,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias=None,
-                    chunk_size: int = DEFAULT_CHUNK, ignore_index: int = IGNORE_INDEX,
+                    chunk_size: int = DEFAULT_CHUNK, ignore_index: int = -100,
                     num_items_in_batch=None, shift: bool = True) -> torch.Tensor:
     """The causal-LM cross-entropy of `hidden` (batch x seq x hidden, the decoder's last hidden states) under
     the output matrix `weight` (vocab x hidden; lm_head.weight) against `labels` (batch x seq), computed
@@ -103,7 +103,8 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     shift=True: position t is trained to predict labels[t + 1] (what `model(..., labels=labels)` does);
     shift=False: labels are already the targets of each position. Positions whose target is `ignore_index` are
     left out before the matmul. Reduction: the mean over the counted targets, or their sum divided by
-    `num_items_in_batch` when given (the Trainer's gradient-accumulation convention). (make_trainer(chunked_loss=True))"""
+    `num_items_in_batch` when given (the Trainer's gradient-accumulation convention).
+    (make_trainer(chunked_loss=True))"""
     if hidden.dim() < 2 or labels.shape != hidden.shape[:-1]:
         raise ValueError(f"hidden must be (..., seq, hidden) and labels (..., seq) with the same leading shape; "
                          f"got hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)}")
@@ -159,7 +160,7 @@ def _hidden_states_as_logits(base):
 
 
 def causal_lm_loss(model, input_ids=None, labels=None, *, chunk_size: int = DEFAULT_CHUNK,
-                   num_items_in_batch=None, ignore_index: int = IGNORE_INDEX, **model_kwargs) -> torch.Tensor:
+                   num_items_in_batch=None, ignore_index: int = -100, **model_kwargs) -> torch.Tensor:
     """The training loss of a transformers causal LM (e.g. LlamaForCausalLM, with AdapterHub adapters or as a
     peft model) without materialising its logits: runs the model's own forward with its output layer (lm_head)
     swapped for an identity for the duration of the call, so the forward returns the last hidden states, then
@@ -192,10 +193,3 @@ def chunked_compute_loss(model, inputs: dict, return_outputs: bool = False, num_
                           **inputs)
     return (loss, {"loss": loss}) if return_outputs else loss
 
-
-def logits_bytes(tokens: int, vocab_size: int = 32000, compute_bytes: int = 2) -> dict:
-    """Bytes the plain loss holds for `tokens` tokens (lm_head output in the compute dtype, its fp32 upcast and
-    the log-softmax kept for backward) versus what the chunked loss holds (one chunk). (07_memory_profiling)"""
-    plain = tokens * vocab_size * (compute_bytes + 4 + 4)
-    chunk = min(tokens, DEFAULT_CHUNK) * vocab_size * (compute_bytes + 4 + 4)
-    return {"plain": plain, "chunked": chunk}

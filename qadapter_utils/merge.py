@@ -20,7 +20,8 @@ eval mode they differ more (tiny model: max ~0.3, mean ~0.03), because LLM.int8(
 int8, which a merged float model does not; the merged weights themselves are exact. On a CPU with AVX512-BF16,
 bitsandbytes runs eval-mode 4-bit layers through a bf16 kernel: expect bf16-sized differences there.
 
-Introduced in notebooks/06_merging_and_fusion.ipynb. Needs qadapter_utils.weights (dequantized_weight).
+Introduced in notebooks/06_merging_and_fusion.ipynb. Needs weights (dequantized_weight), guards
+(folder_written_atomically) and models (bnb_config; models itself needs env, quant, weights).
 """
 from __future__ import annotations
 
@@ -30,7 +31,18 @@ from pathlib import Path
 
 import torch
 
-from qadapter_utils.weights import dequantized_weight
+try:  # inside the qadapter_utils package
+    from .guards import folder_written_atomically
+except ImportError:  # copied next to guards.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from guards import folder_written_atomically
+try:  # inside the qadapter_utils package
+    from .models import bnb_config
+except ImportError:  # copied next to models.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from models import bnb_config
+try:  # inside the qadapter_utils package
+    from .weights import dequantized_weight
+except ImportError:  # copied next to weights.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from weights import dequantized_weight
 
 
 class MergeError(ValueError):
@@ -166,7 +178,6 @@ def save_merged(model, adapter_name: str, folder, dtype: torch.dtype | None = No
     weights again. `model` is not modified. Written into a sibling folder and renamed into place; refuses a
     folder that already holds files unless overwrite=True (and then replaces only saved work). Returns the folder.
     (06_merging_and_fusion)"""
-    from qadapter_utils.guards import folder_written_atomically
 
     skeleton, dtype, tensors = _merged_tensors(model, adapter_name, dtype)  # MergeError before anything is written
     with folder_written_atomically(folder, overwrite) as tmp:  # a merge cut short leaves no half checkpoint
@@ -221,16 +232,14 @@ def requantize(merged, bits: int = 4, quant_type: str = "nf4", double_quant: boo
     (06_merging_and_fusion)"""
     import tempfile
 
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     if bits not in (4, 8):
         raise MergeError(f"bits={bits!r}: requantize to 4 (NF4/FP4) or 8 (LLM.int8()) bits")
     dtype = merged.get_input_embeddings().weight.dtype
     folder = folder or tempfile.mkdtemp(prefix="qadapter-merged-")
     merged.save_pretrained(folder, safe_serialization=True)
-    config = (BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else
-              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype))
+    config = bnb_config(bits, quant_type, double_quant, compute_dtype=dtype)
     device = merged.get_input_embeddings().weight.device
     device_map = {"": device.index if device.type == "cuda" else str(device)}
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=dtype,

@@ -17,19 +17,19 @@ adapter's), out-of-range sizes (r, alpha, dropout, reduction_factor, prefix_leng
 over an adapter of the same name, and adapter files that are truncated, hold non-finite values or do not match
 their config.
 
-Introduced in notebooks/04_adapters_on_quantized.ipynb. Needs qadapter_utils.guards (error types, folder checks).
+Introduced in notebooks/04_adapters_on_quantized.ipynb. Needs guards (error types, folder checks) and weights
+(keep_4bit_layers_trainable, logical_numel).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
-
-import torch
 
 import adapters
+import torch
 from adapters import (
     CompacterConfig,
     CompacterPlusPlusConfig,
@@ -52,7 +52,14 @@ from adapters import (
 )
 from adapters.configuration.adapter_config import AdapterConfig, BnConfig
 
-from qadapter_utils.guards import IntegrityError, UsageError, check_number, folder_written_atomically
+try:  # inside the qadapter_utils package
+    from .guards import IntegrityError, UsageError, check_number, folder_written_atomically
+except ImportError:  # copied next to guards.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from guards import IntegrityError, UsageError, check_number, folder_written_atomically
+try:  # inside the qadapter_utils package
+    from .weights import keep_4bit_layers_trainable, logical_numel
+except ImportError:  # copied next to weights.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from weights import keep_4bit_layers_trainable, logical_numel
 
 # Preset name -> (factory of a fresh adapters config, one line: what it is and where it attaches on Llama/Mistral).
 # Where adapters 1.3.0 wraps Llama's linear layers: LoRA-type methods can target q_proj, k_proj, v_proj
@@ -239,9 +246,9 @@ def _check_supported(model, config: AdapterConfig) -> None:
         if isinstance(part, LoRAConfig) and part.use_dora and quant:
             raise AdapterMethodError(
                 f"DoRA (use_dora=True) does not work on {quant[0]}-bit quantized weights in adapters 1.3.0: its "
-                f"magnitude vector needs the norm of the full-precision weight, and adapters takes the norm of the packed "
-                f"integer weight (`linalg.vector_norm ... Got Byte/Char`). Use 'lora' (QLoRA) or 'lora_all' on the "
-                f"quantized base, or DoRA on an unquantized (bits=None) model.")
+                f"magnitude vector needs the norm of the full-precision weight, and adapters takes the norm of the "
+                f"packed integer weight (`linalg.vector_norm ... Got Byte/Char`). Use 'lora' (QLoRA) or 'lora_all' "
+                f"on the quantized base, or DoRA on an unquantized (bits=None) model.")
         if isinstance(part, BnConfig) and part.stochastic_depth > 0:
             import importlib.util
 
@@ -351,6 +358,21 @@ def _install_cast_hooks(module: torch.nn.Module, param_dtype: torch.dtype, model
 
     module._qadapter_cast_hooks = (module.register_forward_pre_hook(pre, with_kwargs=True),
                                    module.register_forward_hook(post, with_kwargs=True))
+
+
+def remove_cast_hooks(model) -> int:
+    """Remove the casts add_adapter put at the adapters' edges (fp32 adapter weights in a 16-bit model); returns the
+    number of modules that had them. Under autocast they are a no-op round trip, so benchmarks/recipe_vs_peft.py
+    drops them on a GPU. (benchmarks)"""
+    removed = 0
+    for module in model.modules():
+        hooks = getattr(module, "_qadapter_cast_hooks", ())
+        for handle in hooks:
+            handle.remove()
+        if hooks:
+            removed += 1
+            module._qadapter_cast_hooks = ()
+    return removed
 
 
 def _place(model, name: str, adapter_dtype) -> torch.dtype:
@@ -478,8 +500,6 @@ def _keep_trainable(model) -> None:
     for inference on AVX512-BF16 CPUs, which cuts their gradient and computes in another kernel: undo and prevent
     that (weights.py explains), so that a trained adapter and the same adapter loaded later compute alike."""
     if is_quantized(model) == "4bit":
-        from qadapter_utils.weights import keep_4bit_layers_trainable
-
         keep_4bit_layers_trainable(model)
 
 
@@ -569,9 +589,10 @@ def _gradient_checkpointing(model, enable: bool | None) -> None:
 
 
 def remove_input_require_grads_hooks(model) -> None:
-    """Remove every input-grad hook of the embeddings. adapters registers an enable_input_require_grads hook at every gradient_checkpointing_enable call and keeps
-    only the last handle; left in place after checkpointing is turned off, they make the embedding output require
-    grad, so layer 0 keeps activations it need not (measured on the GPU in benchmarks/results/memory_*.md)."""
+    """Remove every input-grad hook of the embeddings. adapters registers an enable_input_require_grads hook at
+    every gradient_checkpointing_enable call and keeps only the last handle; left in place after checkpointing is
+    turned off, they make the embedding output require grad, so layer 0 keeps activations it need not (measured
+    on the GPU in benchmarks/results/memory_*.md)."""
     embedding = model.get_input_embeddings()
     for key, hook in list(embedding._forward_hooks.items()):
         if getattr(hook, "__name__", "") == "make_inputs_require_grads":
@@ -595,13 +616,13 @@ def save_adapter(model, name: str, directory: str | Path, overwrite: bool = Fals
         original = adapters.loading.save_file
         adapters.loading.save_file = _save_file_once_per_tensor  # prefix tuning shares one pool across layers
         try:
-            model.save_adapter(str(tmp), name, use_safetensors=True, **_without_head(model.save_adapter))
+            model.save_adapter(str(tmp), name, use_safetensors=True, **without_head(model.save_adapter))
         finally:
             adapters.loading.save_file = original
     return Path(directory).expanduser()
 
 
-def _without_head(method) -> dict:
+def without_head(method) -> dict:
     """{"with_head": False} where the adapters method takes it: on a causal LM adapters 1.3.0 otherwise saves the
     frozen lm_head of the base ("model_head.safetensors", 262 MB for Llama-2-7B in fp16) with every adapter, and
     loads it back over the model's own."""
@@ -724,7 +745,7 @@ def _load_checked(model, directory: Path, name: str) -> None:
     adapter must come from the file and every tensor of the file must land in the adapter; else remove it."""
     info: dict = {}
     model.load_adapter(str(directory), load_as=name, set_active=False, use_safetensors=True, loading_info=info,
-                       **_without_head(model.load_adapter))
+                       **without_head(model.load_adapter))
     missing = _really_missing(model, info.get("missing_keys", []))
     unexpected = list(info.get("unexpected_keys", []))
     if missing or unexpected:
@@ -745,7 +766,10 @@ def _really_missing(model, missing: list[str]) -> list[str]:
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(model.named_buffers(remove_duplicate=False))
     prefix = getattr(model, "base_model_prefix", "") + "."
-    storage = lambda key: named.get(key, named.get(key[len(prefix):] if key.startswith(prefix) else prefix + key))
+
+    def storage(key):
+        return named.get(key, named.get(key[len(prefix):] if key.startswith(prefix) else prefix + key))
+
     counts: dict[int, int] = {}
     for tensor in named.values():
         counts[tensor.untyped_storage().data_ptr()] = counts.get(tensor.untyped_storage().data_ptr(), 0) + 1
@@ -755,14 +779,6 @@ def _really_missing(model, missing: list[str]) -> list[str]:
         if tensor is None or counts.get(tensor.untyped_storage().data_ptr(), 0) < 2:
             out.append(key)
     return out
-
-
-def _logical_numel(param: torch.Tensor) -> int:
-    """Number of weights a parameter stands for (a packed 4-bit parameter holds two per byte)."""
-    quant_state = getattr(param, "quant_state", None)
-    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
-        return int(torch.Size(quant_state.shape).numel())
-    return param.numel()
 
 
 def trainable_summary(model, verbose: bool = False):
@@ -791,7 +807,7 @@ def trainable_summary(model, verbose: bool = False):
                      "bytes": sum(p.numel() * p.element_size() for p in params.values()),
                      "dtype": "/".join(dtypes), "active": name in active})
     base = [p for p in model.parameters() if id(p) not in owned]
-    base_params = sum(_logical_numel(p) for p in base)
+    base_params = sum(logical_numel(p) for p in base)
     for row in rows:
         row["% of base"] = 100.0 * row["params"] / base_params
     base_row = {"name": "base model", "architecture": type(model).__name__, "params": base_params,

@@ -4,7 +4,8 @@
     model, tokenizer = load_model("meta-llama/Llama-2-7b-hf", bits=4)     # hub id or local path
     model, tokenizer = load_model("random:llama2-7b", bits=4)            # real shape, random weights
 
-Introduced in notebooks/00_setup.ipynb and notebooks/02_loading_quantized.ipynb. Needs qadapter_utils.env.
+Introduced in notebooks/00_setup.ipynb and notebooks/02_loading_quantized.ipynb. Needs env (default compute
+dtype), quant (weight_memory: the fit check before loading; DTYPES) and weights (keep_4bit_layers_trainable).
 """
 from __future__ import annotations
 
@@ -18,7 +19,18 @@ from pathlib import Path
 
 import torch
 
-from qadapter_utils.env import default_compute_dtype
+try:  # inside the qadapter_utils package
+    from .env import default_compute_dtype
+except ImportError:  # copied next to env.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from env import default_compute_dtype
+try:  # inside the qadapter_utils package
+    from .quant import DTYPES, weight_memory
+except ImportError:  # copied next to quant.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from quant import DTYPES, weight_memory
+try:  # inside the qadapter_utils package
+    from .weights import keep_4bit_layers_trainable
+except ImportError:  # copied next to weights.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from weights import keep_4bit_layers_trainable
 
 TINY_DIR = Path(__file__).parent / "tiny" / "model"
 LLAMA2_7B = "meta-llama/Llama-2-7b-hf"
@@ -151,8 +163,6 @@ def load_model(name: str = "tiny", bits: int | None = None, quant_type: str = "n
     if tokenizer.pad_token is None:  # Llama 2 has no padding token; <unk> is the usual stand-in
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if bits == 4:  # one CPU kernel everywhere: no inference repacking on AVX512-BF16 CPUs (weights.py explains)
-        from qadapter_utils.weights import keep_4bit_layers_trainable
-
         keep_4bit_layers_trainable(model)
     model.qadapter_name = name
     return model, tokenizer
@@ -210,8 +220,6 @@ def _check_weights_fit(name, config, bits, quant_type, double_quant, dtype, free
     """Raise ModelLoadError, before anything is downloaded or allocated, when the weights alone (as
     quant.weight_memory counts them: quantized weights, their constants, 16-bit embeddings/norms/lm_head)
     exceed `free_bytes`; from_pretrained would otherwise run out of memory halfway through loading."""
-    from qadapter_utils.quant import weight_memory
-
     def need(b):
         return weight_memory(config, bits=b, quant_type=quant_type, double_quant=double_quant,
                              compute_dtype=dtype)["total"]
@@ -246,8 +254,7 @@ def _check_quant_args(bits, quant_type) -> None:
 def _as_dtype(dtype):
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = DTYPES
     if dtype not in names:
         raise ModelLoadError(f"compute_dtype={dtype!r} is not supported: use one of {sorted(names)} or a torch dtype")
     return names[dtype]
@@ -261,7 +268,7 @@ def _resolve(name: str, dtype) -> str:
                                  f"`python -m qadapter_utils.tiny.build`")
         return str(TINY_DIR)
     if name.startswith("random:"):
-        return str(_random_checkpoint(name.split(":", 1)[1], dtype))
+        return str(random_checkpoint(name.split(":", 1)[1], dtype))
     if Path(name).expanduser().is_dir():
         folder = Path(name).expanduser()
         if not (folder / "config.json").exists():
@@ -302,7 +309,7 @@ def _hub_error(name: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(f"could not load {name!r} ({text}). Use 'tiny' to run without any download.")
 
 
-def _random_checkpoint(shape: str, dtype) -> Path:
+def random_checkpoint(shape: str, dtype) -> Path:
     """Save a randomly initialised model of `shape` once (cached under $QADAPTER_CACHE or the temp folder) so
     that `from_pretrained` can quantize it exactly as it would real weights. Values change neither memory nor
     speed, so random weights serve for memory and speed work at real scale."""

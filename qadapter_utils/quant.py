@@ -77,7 +77,7 @@ def int4_code() -> torch.Tensor:
 _CODES = {"nf4": nf4_code, "fp4": fp4_code, "int4": int4_code}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_code(quant_type: str) -> torch.Tensor:
     return _CODES[quant_type]() if quant_type in _CODES else dynamic_code()
 
@@ -361,7 +361,10 @@ def int8_matmul_with_outliers(x: torch.Tensor, w: torch.Tensor, threshold: float
 # Memory: bits per parameter, bytes of a model
 # ----------------------------------------------------------------------------------------------------------------
 
-_DTYPE_BITS = {"fp32": 32, "float32": 32, "fp16": 16, "float16": 16, "bf16": 16, "bfloat16": 16}
+#: the dtype names qadapter_utils accepts (models' compute_dtype, the memory estimator, bits_per_param)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+DTYPE_BITS = {name: dtype.itemsize * 8 for name, dtype in DTYPES.items()}
 
 
 def bits_per_param(quant_type: str, blocksize: int = 64, double_quant: bool = False,
@@ -373,8 +376,8 @@ def bits_per_param(quant_type: str, blocksize: int = 64, double_quant: bool = Fa
     "int8": 8, plus 32 / row_length for the fp32 scale of each row when row_length (in_features) is given.
     "fp16"/"bf16"/"fp32": 16 or 32. (01_quantization_theory)
     """
-    if quant_type in _DTYPE_BITS:
-        return float(_DTYPE_BITS[quant_type])
+    if quant_type in DTYPE_BITS:
+        return float(DTYPE_BITS[quant_type])
     if quant_type == "int8":
         return 8.0 + (32.0 / row_length if row_length else 0.0)
     if quant_type not in _CODES:

@@ -22,9 +22,10 @@ overwrite_output_dir=True; a checkpoint torn by a kill during its write is named
 would cut answers (their end-of-sequence token) or drop rows, and a budget that would not train as asked
 (max_steps=0, a non-finite learning rate) are refused before anything runs.
 
-Introduced in notebooks/05_training.ipynb. Needs qadapter_utils.data (tokenization, collators), qadapter_utils.guards
-(errors, folder checks), qadapter_utils.methods (saving adapters) and qadapter_utils.weights (4-bit layers kept
-trainable on CPUs where bitsandbytes repacks them for inference).
+Introduced in notebooks/05_training.ipynb. Needs data (tokenization, collators), guards (errors,
+folder checks), methods (saving adapters, decoder layers), weights (4-bit layers kept trainable on CPUs where
+bitsandbytes repacks them for inference), env (compute dtype), loss (chunked_loss=True) and fast (the fast
+recipe's switches).
 """
 from __future__ import annotations
 
@@ -34,14 +35,28 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from qadapter_utils.data import IGNORE_INDEX, make_collator, tokenize_dataset
-from qadapter_utils.guards import IntegrityError, SavedWorkError, UsageError, check_number, describe, saved_work
+try:  # inside the qadapter_utils package
+    from . import fast
+    from .data import IGNORE_INDEX, TokenBatchSampler, make_collator, tokenize_dataset
+    from .env import default_compute_dtype
+    from .guards import IntegrityError, SavedWorkError, UsageError, check_number, describe, saved_work
+    from .loss import chunked_compute_loss
+    from .methods import decoder_layers, save_adapter, without_head
+    from .weights import keep_4bit_layers_trainable
+except ImportError:  # copied next to its siblings (the copy-alone rule: qadapter_utils/__init__.py)
+    import fast
+    from data import IGNORE_INDEX, TokenBatchSampler, make_collator, tokenize_dataset
+    from env import default_compute_dtype
+    from guards import IntegrityError, SavedWorkError, UsageError, check_number, describe, saved_work
+    from loss import chunked_compute_loss
+    from methods import decoder_layers, save_adapter, without_head
+    from weights import keep_4bit_layers_trainable
 
 # ---------------------------------------------------------------------------------------------------------------
 # the trainer
@@ -73,8 +88,6 @@ def default_arguments(model=None, device: str | None = None, compute_dtype: torc
     if device == "cuda":
         dtype = compute_dtype or (_compute_dtype(model) if model is not None else None)
         if dtype is None:
-            from qadapter_utils.env import default_compute_dtype
-
             dtype = default_compute_dtype("cuda")
         args.update(optim="paged_adamw_8bit", bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
                     gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -268,8 +281,6 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
         identity["tokens_per_step"] = tokens_per_step  # it shapes the trajectory like the batch size does
     _claim_output_dir(output_dir, identity, resume, overwrite)
 
-    from qadapter_utils.weights import keep_4bit_layers_trainable
-
     keep_4bit_layers_trainable(model)  # evaluations during training must not cut the gradient (AVX512-BF16 CPUs)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id   # what the Trainer would do, with a log line each time
@@ -283,13 +294,9 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     trainer.qadapter_identity = identity
     trainer.qadapter_tokens_per_step = tokens_per_step
     if chunked_loss:
-        from qadapter_utils.loss import chunked_compute_loss
-
         trainer.compute_loss = functools.partial(chunked_compute_loss, chunk_size=chunk_size)
     if offload_checkpoints:
-        from qadapter_utils.fast import offloaded
-
-        trainer.compute_loss = offloaded(trainer.compute_loss)
+        trainer.compute_loss = fast.offloaded(trainer.compute_loss)
     return trainer
 
 
@@ -299,9 +306,6 @@ def _fast_pieces(model, packing: bool, *, packed_attention: bool, tiled_mlp, che
     returns the callbacks that must act when training starts."""
     if not (packed_attention or tiled_mlp is not None or checkpoint_layers is not None):
         return []
-    from qadapter_utils import fast
-    from qadapter_utils.methods import decoder_layers
-
     if packed_attention and not packing:
         raise UsageError("packed_attention=True needs packing=True (it keeps the samples of a packed row apart; "
                          "padded batches gain nothing from it)")
@@ -328,9 +332,7 @@ class _CheckpointLayers(TrainerCallback):
         self.n = n
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from qadapter_utils.fast import checkpoint_layers
-
-        checkpoint_layers(model, self.n)
+        fast.checkpoint_layers(model, self.n)
 
 
 @functools.cache
@@ -339,8 +341,6 @@ def _trainer_class():
     AdapterTrainer saves it into every checkpoint of a causal LM (pytorch_model_head.bin, 262 MB for Llama-2-7B
     in fp16, next to a 33 MB LoRA) and loads it back over the model's own on resume."""
     from adapters import AdapterTrainer
-
-    from qadapter_utils.methods import _without_head
 
     class CheckpointAdapterOnlyTrainer(AdapterTrainer):
         def train(self, resume_from_checkpoint=None, **kwargs):
@@ -357,8 +357,6 @@ def _trainer_class():
                 return super().get_train_dataloader()
             from torch.utils.data import DataLoader
 
-            from qadapter_utils.data import TokenBatchSampler
-
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             sampler = TokenBatchSampler([len(row["input_ids"]) for row in self.train_dataset], tokens, seed)
             return self.accelerator.prepare(DataLoader(
@@ -367,7 +365,7 @@ def _trainer_class():
 
         def _save(self, output_dir=None, state_dict=None):
             save_all = getattr(self.model, "save_all_adapters", None)
-            if save_all is None or not _without_head(save_all):
+            if save_all is None or not without_head(save_all):
                 return super()._save(output_dir, state_dict)
             self.model.save_all_adapters = functools.partial(save_all, with_head=False)  # this call only
             try:
@@ -674,8 +672,6 @@ def save_trained_adapter(model, name: str, directory: str | Path, overwrite: boo
     Llama 2-7B) to `directory` with methods.save_adapter (written beside, then renamed into place) and return it.
     Refuses (guards.SavedWorkError, a FileExistsError; nothing written) when `directory` already holds files,
     unless overwrite=True. Load it back with qadapter_utils.methods.load_adapter. (05_training)"""
-    from qadapter_utils.methods import save_adapter
-
     if name not in getattr(model, "adapters_config", ()):
         have = list(getattr(getattr(model, "adapters_config", None), "adapters", {}) or [])
         raise ValueError(f"the model has no adapter {name!r}; it has {have}")
@@ -688,16 +684,3 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
-
-class StopAfterStep(TrainerCallback):
-    """Stop training after optimizer step `step`, saving a checkpoint there: simulates an interruption (a Colab
-    disconnect, a pre-empted job) in the notebook and the resume test. (05_training)"""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_save = True
-            control.should_training_stop = True
-        return control

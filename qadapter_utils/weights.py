@@ -69,13 +69,18 @@ def _kind(module: torch.nn.Module, path: str) -> str:
     return f"{name} ({dtype})" if dtype else name
 
 
+def logical_numel(param: torch.Tensor) -> int:
+    """Number of weights a parameter stands for (a packed 4-bit parameter holds two per byte). (02_loading_quantized;
+    used by qadapter_utils.methods.trainable_summary and benchmarks/)"""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return param.numel()
+
+
 def _logical_params(module: torch.nn.Module) -> int:
     """Number of values the module's own parameters stand for (a packed 4-bit byte holds two weights)."""
-    total = 0
-    for param in module.parameters(recurse=False):
-        qs = getattr(param, "quant_state", None)
-        total += int(torch.Size(qs.shape).numel()) if qs is not None else param.numel()
-    return total
+    return sum(logical_numel(param) for param in module.parameters(recurse=False))
 
 
 def footprint(model: torch.nn.Module, by: str = "kind"):

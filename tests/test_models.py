@@ -133,7 +133,7 @@ def test_random_7b_goes_through_bitsandbytes_config(monkeypatch, tmp_path):
 
     import transformers
 
-    monkeypatch.setattr(models, "_random_checkpoint", fake_checkpoint)
+    monkeypatch.setattr(models, "random_checkpoint", fake_checkpoint)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
     with pytest.raises(RuntimeError, match="stop here"):
         load_model("random:llama2-7b", bits=4)
@@ -152,7 +152,7 @@ def test_weights_that_cannot_fit_the_gpu_are_refused_before_loading(monkeypatch,
     import transformers
 
     models.model_config("llama2-13b").save_pretrained(tmp_path)  # config only, no weights
-    monkeypatch.setattr(models, "_random_checkpoint", lambda shape, dtype: tmp_path)
+    monkeypatch.setattr(models, "random_checkpoint", lambda shape, dtype: tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     monkeypatch.setattr(models, "_free_gpu_bytes", lambda device: int(14.5 * GIB))
@@ -212,8 +212,8 @@ def test_no_network(monkeypatch):
 
 
 def test_gated_repo_without_login(monkeypatch):
-    from huggingface_hub.errors import GatedRepoError
     import transformers
+    from huggingface_hub.errors import GatedRepoError
 
     def gated(name, *args, **kwargs):
         raise OSError(f"You are trying to access a gated repo.\nMake sure to have access to it at "

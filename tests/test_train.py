@@ -2,14 +2,37 @@
 as an uninterrupted run, no saved work is overwritten, and the teacher-forced accuracy is greedy decoding."""
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from qadapter_utils.data import world_qa
 from qadapter_utils.methods import add_adapter
 from qadapter_utils.models import load_model
-from qadapter_utils.train import (StopAfterStep, checkpoints, default_arguments, evaluate, generate_answers, history,
-                                  make_trainer, save_trained_adapter, step_stats)
+from qadapter_utils.train import (
+    checkpoints,
+    default_arguments,
+    evaluate,
+    generate_answers,
+    history,
+    make_trainer,
+    save_trained_adapter,
+    step_stats,
+)
 
 TRAIN, EVAL = world_qa(as_dataset=False)
+
+
+class StopAfterStep(TrainerCallback):
+    """Stop training after optimizer step `step`, saving a checkpoint there: simulates an interruption (a Colab
+    disconnect, a pre-empted job) for the resume tests."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
 
 def test_default_arguments_per_device():
@@ -108,7 +131,7 @@ def test_generate_answers_is_greedy_decoding_with_an_adapter():
     model, tok = load_model("tiny", bits=4)
     add_adapter(model, "lora")
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for _name, param in model.named_parameters():
             if param.requires_grad:
                 param.add_(0.05 * torch.randn_like(param))
     model.eval()

@@ -19,19 +19,33 @@ Four modules, one per question, each with its own docstring; this package names 
 - step_plan.py: tokens per step and checkpointed layers of packed training for a memory budget (a linear model
   calibrated from the estimate or from measured steps; issue #13). Imports estimate.
 
-Introduced in notebooks/07_memory_profiling.ipynb. Needs qadapter_utils.quant (weight bytes); preset adapter
-names are resolved through qadapter_utils.methods when it is importable, else through adapters' own names.
+Introduced in notebooks/07_memory_profiling.ipynb. The folder is the unit to copy: its files import each other
+relatively. Needs quant (weight bytes); shape names ("llama2-7b") need models, and adapter names ("lora") need
+methods (the presets): without them, pass a transformers config and an adapters config object; a name then raises
+a ValueError instead of silently meaning adapters' config of the same name.
 """
 from __future__ import annotations
 
-from qadapter_utils.memory.estimate import (CUBLAS_WORKSPACE, GiB, MemoryEstimate, MiB, count_adapter_params,
-                                            estimate_for_row, estimate_training_memory, layer_activations)
-from qadapter_utils.memory.measure import (MemoryProfile, make_optimizer, measure_training_memory,
-                                           profile_training_step, random_batch, tensor_bytes)
-from qadapter_utils.memory.plan import (CUDA_CONTEXT_GIB, GPUS, SAFETY_MARGIN, FitReport, fits, max_batch_size,
-                                        max_seq_len)
-from qadapter_utils.memory.step_plan import (StepCost, StepPlan, cost_from_estimate, cost_from_probes,
-                                             plan_tokens_per_step, verify_plan)
+from .estimate import (
+                                            CUBLAS_WORKSPACE,
+                                            GiB,
+                                            MemoryEstimate,
+                                            MiB,
+                                            count_adapter_params,
+                                            estimate_for_row,
+                                            estimate_training_memory,
+                                            layer_activations,
+)
+from .measure import (
+                                            MemoryProfile,
+                                            make_optimizer,
+                                            measure_training_memory,
+                                            profile_training_step,
+                                            random_batch,
+                                            tensor_bytes,
+)
+from .plan import CUDA_CONTEXT_GIB, GPUS, SAFETY_MARGIN, FitReport, fits, max_batch_size, max_seq_len
+from .step_plan import StepCost, StepPlan, cost_from_estimate, cost_from_probes, plan_tokens_per_step, verify_plan
 
 __all__ = [
     "CUBLAS_WORKSPACE", "CUDA_CONTEXT_GIB", "GPUS", "GiB", "MiB", "SAFETY_MARGIN",

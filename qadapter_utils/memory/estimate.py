@@ -22,9 +22,10 @@ How bytes are counted is an input of each estimate, carried in a frozen `_Step` 
 allocator's rounding per tensor; "cpu": exact tensor bytes), not module state.
 
 Holds estimate_training_memory, MemoryEstimate, layer_activations, count_adapter_params and estimate_for_row.
-Imports no sibling; needs qadapter_utils.quant (weight bytes), and resolves preset adapter names through
-qadapter_utils.methods when it is importable, else through adapters' own names. Introduced in
-notebooks/07_memory_profiling.ipynb.
+Needs quant (weight bytes, dtype sizes); shape names
+("llama2-7b") need models and adapter names ("lora") need methods: without them, pass a transformers config and an
+adapters config object, or the call raises a ValueError that says so (never adapters' own config of the same
+name). Introduced in notebooks/07_memory_profiling.ipynb.
 """
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qadapter_utils.quant import weight_memory
+try:  # inside the qadapter_utils package
+    from ..quant import DTYPES, weight_memory
+except ImportError:  # memory/ copied next to quant.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from quant import DTYPES, weight_memory
 
 GiB = 2**30
 MiB = 2**20
@@ -45,33 +49,41 @@ CUBLAS_WORKSPACE = 64 * MiB
 
 _OPTIMIZERS = (  # the optimizers whose states and step temporaries _optimizer_bytes models
     "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
-_DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
 
 def _dtype_bytes(dtype) -> int:
-    if isinstance(dtype, torch.dtype):
-        return torch.empty(0, dtype=dtype).element_size()
-    if dtype not in _DTYPE_BYTES:
-        raise ValueError(f"dtype {dtype!r} is not supported: use 'bfloat16', 'float16', 'float32' or a torch dtype")
-    return _DTYPE_BYTES[dtype]
+    return _torch_dtype(dtype).itemsize
 
 
 def _torch_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    return {4: torch.float32, 2: torch.bfloat16}[_dtype_bytes(dtype)] if dtype not in ("float16", "fp16") \
-        else torch.float16
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported: use 'bfloat16', 'float16', 'float32' or a torch dtype")
+    return DTYPES[dtype]
+
+
+def _sibling(module: str, name: str, why: str):
+    """`name` from the sibling module `module` of qadapter_utils (models or methods: optional for memory/), or a
+    ValueError that says what to copy or pass instead when memory/ was copied without it."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(f"..{module}", __package__), name)
+    except (ImportError, TypeError):  # no parent package: memory/ copied into another project
+        try:
+            return getattr(importlib.import_module(module), name)
+        except ImportError as err:
+            raise ValueError(f"{why}, or copy {module}.py (and what it needs: qadapter_utils/__init__.py) next to "
+                             f"memory/") from err
 
 
 def _resolve_config(config):
     """A transformers config from a config object or a shape name of qadapter_utils.models.SHAPES."""
     if isinstance(config, str):
         name = config.split(":", 1)[1] if config.startswith("random:") else config
-        try:
-            from qadapter_utils.models import model_config
-        except ImportError as err:  # qadapter_utils/memory/ copied alone
-            raise ValueError(f"config={config!r}: pass a transformers config (e.g. LlamaConfig(...)); shape names "
-                             f"need qadapter_utils.models") from err
+        model_config = _sibling("models", "model_config", f"config={config!r}: shape names are models.SHAPES; pass a "
+                                f"transformers config (e.g. LlamaConfig(...))")
         return model_config(name)
     needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in needed if not hasattr(config, k)]
@@ -93,13 +105,13 @@ def _resolve_adapter(adapter):
     if isinstance(adapter, AdapterConfig):
         return adapter
     if isinstance(adapter, str):
-        try:
-            from qadapter_utils.methods import PRESETS, adapter_config
-
-            if adapter.strip().lower().replace("-", "_") in PRESETS:
-                return adapter_config(adapter)
-        except ImportError:  # qadapter_utils/memory/ copied alone: adapters' own names still work
-            pass
+        # A name means the preset of methods.PRESETS (notebook 04's LoRA: r=16 on q/v...). Without methods.py, adapters'
+        # own config of the same name would differ silently (its "lora": r=8), so names need methods.
+        adapter_config = _sibling("methods", "adapter_config", f"adapter={adapter!r}: adapter names are the presets "
+                                  f"of methods.PRESETS; pass an adapters config (e.g. adapters.LoRAConfig(r=8))")
+        presets = _sibling("methods", "PRESETS", "")
+        if adapter.strip().lower().replace("-", "_") in presets:
+            return adapter_config(adapter)
     if isinstance(adapter, (str, dict)):
         try:
             return AdapterConfig.load(adapter)
@@ -128,7 +140,7 @@ class _Shape:
     tied: bool
 
     @classmethod
-    def of(cls, config) -> "_Shape":
+    def of(cls, config) -> _Shape:
         nh = config.num_attention_heads
         hd = getattr(config, "head_dim", None) or config.hidden_size // nh
         return cls(h=config.hidden_size, i=config.intermediate_size, L=config.num_hidden_layers, nh=nh,
@@ -170,7 +182,7 @@ class _Step:
 
     @classmethod
     def of(cls, shape: _Shape, parts, *, batch_size: int, seq_len: int, bits, compute_dtype, adapter_dtype,
-           int8_outliers: float, attn_implementation: str, cuda: bool) -> "_Step":
+           int8_outliers: float, attn_implementation: str, cuda: bool) -> _Step:
         return cls(shape=shape, parts=tuple(parts), b=batch_size, s=seq_len, bits=bits,
                    e=_dtype_bytes(compute_dtype),
                    ea=4 if adapter_dtype in (None, "auto") else _dtype_bytes(adapter_dtype),

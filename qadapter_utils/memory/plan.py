@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qadapter_utils.memory.estimate import GiB, MemoryEstimate, estimate_training_memory
+from .estimate import GiB, MemoryEstimate, estimate_training_memory
 
 #: Usable memory of common GPUs in GiB (what `torch.cuda.get_device_properties(0).total_memory` reports).
 GPUS: dict[str, float] = {

@@ -18,8 +18,8 @@ as linear in T, with a memory and a time line:
 calibrated from three steps -- A: (T0, all L checkpointed), B: (T0, none), C: (2 T0, all) -- either measured on a
 GPU (cost_from_probes; benchmarks/recipe_vs_peft.py runs them) or estimated from the model's shape
 (cost_from_estimate; the time line is then in relative units: a fixed cost per step, the recomputed forward as a
-third of a step). plan_tokens_per_step picks, among the candidate T that hold the longest sample and every c in 0..L, the
-pair with the highest predicted tokens/s whose predicted peak stays under `margin` x budget (ties: fewer
+third of a step). plan_tokens_per_step picks, among the candidate T that hold the longest sample and every c in
+0..L, the pair with the highest predicted tokens/s whose predicted peak stays under `margin` x budget (ties: fewer
 checkpointed layers, then more tokens); a budget nothing fits raises ValueError naming what the smallest plan
 needs. More budget never lowers the predicted tokens/s (the choices only grow), but the choice may move between
 more tokens and fewer checkpointed layers. verify_plan then runs the
@@ -35,10 +35,10 @@ benchmarks/recipe_vs_peft.py (issue #13).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
-from qadapter_utils.memory.estimate import GiB, _resolve_config, estimate_training_memory
+from .estimate import GiB, _resolve_config, estimate_training_memory
 
 #: Tokens per step the planner considers by default: 1 and 1.5 times the powers of two from 128 to 65,536.
 DEFAULT_CANDIDATES = tuple(sorted(int(m * 2**k) for k in range(7, 17) for m in (1, 1.5)))
@@ -136,9 +136,9 @@ def cost_from_estimate(config="llama2-7b", *, probe_tokens: int = 2048, recomput
     """Calibrate the StepCost without a GPU: the three calibration steps are estimate_training_memory(config,
     batch_size=1, seq_len=T, gradient_checkpointing=...) (`estimate_kwargs` go there: bits, adapter, optimizer,
     device, ...), times in relative units: a step takes `fixed_step_tokens` plus 1 per token without
-    checkpointing, recomputing every layer adds `recompute_share` per token. config: a transformers config, a model (its .config) or a shape name of
-    qadapter_utils.models.SHAPES. The estimator computes the plain loss (full fp32 logits), so with the chunked
-    loss the real peak is lower: the plan errs on the safe side."""
+    checkpointing, recomputing every layer adds `recompute_share` per token. config: a transformers config, a
+    model (its .config) or a shape name of qadapter_utils.models.SHAPES. The estimator computes the plain loss
+    (full fp32 logits), so with the chunked loss the real peak is lower: the plan errs on the safe side."""
     config = _resolve_config(getattr(config, "config", config))
     _check_int("probe_tokens", probe_tokens, 1)
     if not 0 <= recompute_share < 10:

@@ -18,15 +18,18 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from qadapter_utils.tiny.corpus import corpus
+try:  # inside the qadapter_utils package
+    from .corpus import corpus
+except ImportError:  # copied next to corpus.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from corpus import corpus
+try:  # inside the qadapter_utils package
+    from ..models import SHAPES
+except ImportError:  # copied next to models.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from models import SHAPES
 
 MODEL_DIR = Path(__file__).parent / "model"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # as in Llama 2: no padding token of its own
-TINY_CONFIG = dict(
-    vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
-    hidden_act="silu", tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-)
+TINY_CONFIG = dict(SHAPES["tiny"][1])  # the shape lives in models.SHAPES (also the estimator's "tiny")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
