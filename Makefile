@@ -9,6 +9,7 @@ TORCH  ?= torch==2.13.0
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # pytest on 2 workers; --dist loadfile keeps each notebook's cells (and each test module) in one worker
 PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+LINT   := $(BIN)/ruff check qadapter_utils tests scripts benchmarks
 NBVAL  := --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout=900
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
@@ -47,10 +48,12 @@ execute-notebooks:
 	done
 	@$(if $(DEST),echo "executed notebooks in $(DEST)/ (make refresh-notebooks updates the committed ones)",true)
 
-test: $(STAMP)  ## run tests/ and nbval over every notebook
+test: $(STAMP)  ## ruff, then tests/ and nbval over every notebook
+	$(LINT)
 	$(PYTEST) tests $(NBVAL) $(NOTEBOOKS)
 
-test-package: $(STAMP)  ## only tests/ (no notebooks)
+test-package: $(STAMP)  ## ruff and tests/ (no notebooks)
+	$(LINT)
 	$(PYTEST) tests
 
 test-notebooks: $(STAMP)  ## only nbval over every notebook

@@ -11,9 +11,9 @@ weights: no download, same memory and speed). Set QADAPTER_MODEL to a hub id to 
 --t4 (a stand-in for the GPU most learners have): inside the kernel and every process it starts, PyTorch's
 device reports a T4's 14.75 GiB (`torch.cuda.get_device_properties(...).total_memory`, `torch.cuda.mem_get_info()`),
 PyTorch's allocator is capped at that less the 0.6 GiB a CUDA context holds on a T4 (14.15 GiB: on the stand-in
-the context lives outside the cap, on a T4 inside those 14.75 GiB), and `torch.cuda.is_bf16_supported()` answers False, so the
-notebooks take the fp16 path `env.default_compute_dtype()` chooses on a T4. What it cannot stand in for: a T4's
-speed (the T4 time is estimated from the measured fp16 matrix rate, see `t4_minutes`) and its missing
+the context lives outside the cap, on a T4 inside those 14.75 GiB), and `torch.cuda.is_bf16_supported()` answers
+False, so the notebooks take the fp16 path `env.default_compute_dtype()` chooses on a T4. What it cannot stand in
+for: a T4's speed (the T4 time is estimated from the measured fp16 matrix rate, see `t4_minutes`) and its missing
 flash-attention kernels.
 
 Writes into --out: the executed notebooks (cleaned like the committed ones), `results.json` and `results.md`
@@ -269,8 +269,9 @@ def run_one(path: Path, args, stand_in: Path, watch_device: bool) -> dict:
             row["note"] = f"finished, but its process did not exit within {args.notebook_timeout} s: killed"
         return row
     if stuck:
-        return dict(unmeasured_row(path, "failed", f"no result within {args.notebook_timeout} s (--notebook-timeout): "
-                                                   f"the notebook's process, its kernel and their children were killed"),
+        return dict(unmeasured_row(path, "failed", f"no result within {args.notebook_timeout} s "
+                                                   f"(--notebook-timeout): the notebook's process, its kernel and "
+                                                   f"their children were killed"),
                     seconds=round(time.perf_counter() - started, 1))
     return unmeasured_row(path, "failed", f"the runner's child failed: {stderr[-300:]}")
 
@@ -351,7 +352,8 @@ def main(argv=None) -> int:
     (stand_in / "sitecustomize.py").write_text(SITECUSTOMIZE)
     meta = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU", "t4": args.t4,
             "mode": (f"T4 stand-in ({T4_TOTAL_GIB} GiB, of which {T4_CONTEXT_GIB} GiB for the CUDA context: "
-                     f"PyTorch's allocator capped at {T4_TOTAL_GIB - T4_CONTEXT_GIB:.2f} GiB; fp16)" if args.t4 else "as is")
+                     f"PyTorch's allocator capped at {T4_TOTAL_GIB - T4_CONTEXT_GIB:.2f} GiB; fp16)"
+                     if args.t4 else "as is")
                     + (f", {args.jobs} notebooks at a time" if args.jobs > 1 else ""),
             "model": os.environ.get("QADAPTER_MODEL") or "qu.default_model()", "fp16_tflops": rate,
             "command": "python scripts/run_notebooks.py " + " ".join(argv if argv is not None else sys.argv[1:])}

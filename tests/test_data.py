@@ -3,8 +3,17 @@ attention between packed samples) and the padding arithmetic."""
 import pytest
 import torch
 
-from qadapter_utils.data import (FACT_KINDS, IGNORE_INDEX, format_prompt, make_collator, padding_fraction,
-                                 split_conversation, tokenize_dataset, tokenize_example, world_qa)
+from qadapter_utils.data import (
+    FACT_KINDS,
+    IGNORE_INDEX,
+    format_prompt,
+    make_collator,
+    padding_fraction,
+    split_conversation,
+    tokenize_dataset,
+    tokenize_example,
+    world_qa,
+)
 from qadapter_utils.models import load_model
 from qadapter_utils.tiny.corpus import world
 

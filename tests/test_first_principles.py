@@ -6,11 +6,10 @@ import copy
 import json
 from pathlib import Path
 
+import adapters
 import pytest
 import torch
 import torch.nn.functional as F
-
-import adapters
 from adapters.composition import Fuse
 
 import qadapter_utils as qu
@@ -105,8 +104,13 @@ def test_prefix_under_sdpa_is_misaligned_as_the_notebook_says(model, ids):
     class TopLeft(NS["Prefix"]):
         def attention(self, i, layer, x, cos, sin):
             a, n, d, T = layer.self_attn, self.cfg.num_attention_heads, self.cfg.head_dim, x.shape[1]
-            heads = lambda t: t.unflatten(-1, (n, d)).transpose(1, 2)
-            rope = lambda t: t * cos + torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1) * sin
+
+            def heads(t):
+                return t.unflatten(-1, (n, d)).transpose(1, 2)
+
+            def rope(t):
+                return t * cos + torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1) * sin
+
             q, k, v = (heads(self.proj(i, key, getattr(a, key + "_proj"), x)) for key in "qkv")
             pk, pv = (t.expand(x.shape[0], -1, -1, -1) for t in self.prefix(i))
             k, v = torch.cat([pk, rope(k)], 2), torch.cat([pv, v], 2)

@@ -29,7 +29,7 @@ def _environment_yml():
     deps = yaml.safe_load((ROOT / "environment.yml").read_text())["dependencies"]
     pip = next(d["pip"] for d in deps if isinstance(d, dict))
     assert "-e ." in pip, "environment.yml must install qadapter_utils itself"
-    return _requirement_map(l for l in pip if l != "-e .")
+    return _requirement_map(line for line in pip if line != "-e .")
 
 
 def test_environment_yml_and_pyproject_agree():

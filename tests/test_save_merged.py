@@ -16,7 +16,7 @@ def adapter_model():
     name = add_adapter(model, "lora_all")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # LoRA's B starts at zero: give it weights so that the merge changes something
-        for path, param in model.named_parameters():
+        for _path, param in model.named_parameters():
             if param.requires_grad:
                 param.add_(0.05 * torch.randn(param.shape, generator=gen))
     return model, tokenizer, name

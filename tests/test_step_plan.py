@@ -7,8 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-from qadapter_utils.memory import (GiB, MiB, StepCost, cost_from_estimate, cost_from_probes,
-                                   estimate_training_memory, plan_tokens_per_step, verify_plan)
+from qadapter_utils.memory import (
+    GiB,
+    MiB,
+    StepCost,
+    cost_from_estimate,
+    cost_from_probes,
+    estimate_training_memory,
+    plan_tokens_per_step,
+    verify_plan,
+)
 from qadapter_utils.models import load_model
 
 LENGTHS = [40, 17, 96, 55, 23, 71, 8, 64]
