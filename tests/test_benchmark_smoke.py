@@ -1,5 +1,5 @@
-"""benchmarks/recipe_vs_peft.py --model tiny --quick runs on the CPU (every code path, tiny numbers): only where
-peft is importable (it is not a dependency of the package)."""
+"""benchmarks/recipe_vs_peft.py and t4_check.py --model tiny --quick run on the CPU (every code path, tiny
+numbers): only where peft is importable (it is not a dependency of the package)."""
 import importlib.util
 import os
 import subprocess
@@ -21,3 +21,17 @@ def test_recipe_vs_peft_quick_runs(tmp_path):
     for recipe in ("(a) stock PEFT", "(b) PEFT + DataCollatorWithFlattening + SDPA", "ours: make_trainer"):
         assert recipe in md
     assert "## Comparisons" in md and "## Errors" not in md
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed (benchmark baseline)")
+def test_t4_check_quick_runs(tmp_path):
+    """benchmarks/t4_check.py --model tiny --quick: stock PEFT in the own loop, ours and the plain adapters recipe
+    through make_trainer in every configuration (about 20 s on two CPU cores)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "t4_check.py"), "--model", "tiny", "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / "t4_check_cpu.md").read_text()
+    assert "make_trainer: packed attention + chunked loss + tiled MLP + offloaded checkpoints" in md
+    assert "Longest that trains: stock PEFT: 128, adapters, plain loss: 128, ours: 384" in md
+    assert "full configuration vs plain recipe" in md and "## Errors" not in md
