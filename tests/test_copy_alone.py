@@ -51,9 +51,11 @@ guards.check_number("r", 4, low=1)
 assert guards.saved_work(tempfile.mkdtemp()) == []""",
     "quant": """
 import quant, torch
+torch.manual_seed(0)
 w = torch.randn(64, 128)
 packed, state = quant.quantize_4bit(w, double_quant=True)
-assert (quant.dequantize_4bit(packed, state) - w).abs().max() < 0.5 and quant.bits_per_param("bf16") == 16""",
+error = (quant.dequantize_4bit(packed, state) - w).norm() / w.norm()  # NF4 on N(0, 1) data: about 0.09
+assert error < 0.1 and quant.bits_per_param("bf16") == 16""",
     "weights": f"""
 import weights, transformers
 model = transformers.AutoModelForCausalLM.from_pretrained({TINY!r})
