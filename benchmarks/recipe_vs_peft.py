@@ -68,7 +68,7 @@ from qadapter_utils.fast import (  # noqa: E402
     tile_mlp,
 )
 from qadapter_utils.loss import causal_lm_loss  # noqa: E402
-from qadapter_utils.memory import cost_from_probes, plan_tokens_per_step, verify_plan  # noqa: E402
+from qadapter_utils.memory import cost_from_probes, make_optimizer, plan_tokens_per_step, verify_plan  # noqa: E402
 
 GIB = 2**30
 N_7B = 6.74e9
@@ -238,10 +238,8 @@ def trainable(model):
 
 
 def paged_adamw_8bit(model, lr=2e-4):
-    """Both recipes' optimizer on their trainable parameters (memory.make_optimizer takes a name and parameters)."""
-    import bitsandbytes as bnb
-
-    return bnb.optim.PagedAdamW8bit(trainable(model), lr=lr)
+    """Both recipes' optimizer (paged AdamW 8-bit) on the model's trainable parameters."""
+    return make_optimizer("paged_adamw_8bit", trainable(model), lr=lr)
 
 
 def n_params(model) -> int:
