@@ -375,17 +375,22 @@ def remove_cast_hooks(model) -> int:
     return removed
 
 
+def _weight_dtype(adapter_dtype, auto: torch.dtype) -> torch.dtype:
+    """The dtype of trainable adapter or fusion weights: `auto` for adapter_dtype="auto" (or None), else the torch
+    dtype given."""
+    if adapter_dtype in (None, "auto"):
+        return auto
+    if isinstance(adapter_dtype, torch.dtype):
+        return adapter_dtype
+    raise AdapterMethodError(f"adapter_dtype={adapter_dtype!r}: use 'auto' (fp32 weights) or a torch dtype")
+
+
 def _place(model, name: str, adapter_dtype) -> torch.dtype:
     """Put adapter `name` on the model's device in the chosen dtype; return that dtype."""
     model_dtype = compute_dtype(model)
     config = model.adapters_config.match(name, LoRAConfig) if hasattr(model, "adapters_config") else None
-    if adapter_dtype in (None, "auto"):
-        # fp32 master weights; DoRA reads the base weight directly inside the layer, so it has to match it
-        dtype = model_dtype if (config is not None and config.use_dora) else torch.float32
-    elif isinstance(adapter_dtype, torch.dtype):
-        dtype = adapter_dtype
-    else:
-        raise AdapterMethodError(f"adapter_dtype={adapter_dtype!r}: use 'auto' (fp32 weights) or a torch dtype")
+    # fp32 master weights; DoRA reads the base weight directly inside the layer, so it has to match it
+    dtype = _weight_dtype(adapter_dtype, model_dtype if (config is not None and config.use_dora) else torch.float32)
     device = model.get_input_embeddings().weight.device
     model.adapter_to(name, device=device, dtype=dtype)
     for param in _adapter_parameters(model, name).values():  # what adapter_to does not reach (prefix pool)
@@ -475,6 +480,7 @@ def add_fusion(model, *adapter_names: str, adapter_dtype="auto", **config_overri
         raise AdapterMethodError(f"AdapterFusion combines two or more adapters already on the model; "
                                  f"{'missing: ' + ', '.join(map(repr, missing)) if missing else 'got fewer than two'}"
                                  f" (add and train them first with add_adapter)")
+    dtype = _weight_dtype(adapter_dtype, torch.float32)  # checked before the model changes
     fusion = Fuse(*adapter_names)
     model.add_adapter_fusion(fusion, config=AdapterFusionConfig.load("dynamic", **config_overrides))
     # adapters 1.3.0 puts a fusion layer into every layer, also where none of the fused adapters sits (leave_out):
@@ -486,7 +492,6 @@ def add_fusion(model, *adapter_names: str, adapter_dtype="auto", **config_overri
             del fusion_layers[fusion.name]
     model.train_adapter_fusion(fusion)
     model.train()
-    dtype = torch.float32 if adapter_dtype in (None, "auto") else adapter_dtype
     model.adapter_fusion_to(fusion, device=model.get_input_embeddings().weight.device, dtype=dtype)
     model_dtype = compute_dtype(model)
     for path, module in model.named_modules():
