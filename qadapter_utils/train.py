@@ -573,13 +573,24 @@ def _device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _batches(rows: Sequence[dict], batch_size: int) -> Iterable[list[dict]]:
-    for i in range(0, len(rows), batch_size):
-        yield rows[i:i + batch_size]
+def _batches(rows: Sequence[dict], batch_size: int, max_tokens: int | None = None) -> Iterable[list[dict]]:
+    """Consecutive rows, at most `batch_size` per batch and, when given, at most `max_tokens` tokens (a longer row
+    goes alone)."""
+    batch, tokens = [], 0
+    for row in rows:
+        n = len(row["input_ids"])
+        if batch and (len(batch) == batch_size or (max_tokens and tokens + n > max_tokens)):
+            yield batch
+            batch, tokens = [], 0
+        batch.append(row)
+        tokens += n
+    if batch:
+        yield batch
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, dataset, batch_size: int = 32, max_length: int | None = 256) -> dict:
+def evaluate(model, tokenizer, dataset, batch_size: int = 32, max_length: int | None = 256,
+             max_batch_tokens: int = 4096) -> dict:
     """Evaluate `model` on prompt/answer rows (or rows tokenized by data.tokenize_dataset) with the prompt
     masked out: returns {"eval_loss": mean loss per answer token, "perplexity": exp(eval_loss), "token accuracy":
     the share of answer tokens (end-of-sequence included) the model predicts right given the reference before them,
@@ -589,8 +600,10 @@ def evaluate(model, tokenizer, dataset, batch_size: int = 32, max_length: int | 
 
     Exact match is teacher-forced: an example counts as correct when, at every answer position and at the
     end-of-sequence token, the model's most likely next token is the reference one, which is exactly when
-    greedy generation would produce the answer's tokens and then stop. One packed forward pass per batch
-    (no padding, use_cache=False so transformers keeps the samples apart). The model is put in eval mode and
+    greedy generation would produce the answer's tokens and then stop. One packed forward pass per batch of at most
+    `batch_size` examples and `max_batch_tokens` tokens (no padding, use_cache=False so transformers keeps the
+    samples apart; the token bound keeps the fp32 logits small: 4,096 tokens x 32,000 = 0.5 GiB, which a T4 holding
+    a merged fp16 7B still has). The model is put in eval mode and
     its train/eval mode restored afterwards. (05_training)"""
     rows = _as_tokenized(dataset, tokenizer, max_length)
     rows = list(rows) if not isinstance(rows, list) else rows
@@ -602,7 +615,7 @@ def evaluate(model, tokenizer, dataset, batch_size: int = 32, max_length: int | 
     total_loss, total_tokens, right_tokens = 0.0, 0, 0
     correct: dict[str, list[bool]] = {}
     try:
-        for batch in _batches(rows, batch_size):
+        for batch in _batches(rows, batch_size, max_batch_tokens):
             ids = torch.tensor([t for r in batch for t in r["input_ids"]], device=device)[None]
             positions = torch.tensor([p for r in batch for p in range(len(r["input_ids"]))], device=device)[None]
             logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0].float()

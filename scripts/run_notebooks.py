@@ -100,6 +100,24 @@ SITECUSTOMIZE = textwrap.dedent('''
         _qadapter_standin()
 ''')
 
+# Runs in the kernel after every cell (an IPython startup file, found through IPYTHONDIR): appends the cell's peak of
+# PyTorch's allocator, then resets the peak for the next cell, so the table can say which cell needed the memory.
+CELL_PEAKS = textwrap.dedent('''
+    import json, os, sys
+
+    def _qadapter_cell_peak(result):
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_initialized():
+            return
+        record = {"cell": result.execution_count, "allocated": torch.cuda.max_memory_allocated()}
+        with open(os.environ["QADAPTER_CELL_PEAK_FILE"], "a") as f:
+            f.write(json.dumps(record) + "\\n")
+        torch.cuda.reset_peak_memory_stats()
+
+    if os.environ.get("QADAPTER_CELL_PEAK_FILE"):
+        get_ipython().events.register("post_run_cell", _qadapter_cell_peak)
+''')
+
 
 def notebooks(only: list[str] | None) -> list[Path]:
     """The series in reading order, or those whose number or name starts with one of `only`."""
@@ -214,10 +232,20 @@ def execute(path: Path, out_dir: Path, cell_timeout: int, watch_device: bool) ->
     peak_file = Path(os.environ["QADAPTER_PEAK_FILE"])
     peaks = [json.loads(line) for line in peak_file.read_text().splitlines()] if peak_file.exists() else []
     gib = lambda key: round(max(p[key] for p in peaks) / 2**30, 2) if peaks else None  # noqa: E731
+    cell_of = {c.execution_count: i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.execution_count}
+    cell_file = Path(os.environ.get("QADAPTER_CELL_PEAK_FILE") or os.devnull)
+    cell_peaks = {}  # cell index -> GiB, for the cells that allocated on the GPU
+    for line in cell_file.read_text().splitlines() if cell_file.exists() else []:
+        record = json.loads(line)
+        if record["cell"] in cell_of:
+            cell_peaks[cell_of[record["cell"]]] = round(record["allocated"] / 2**30, 2)
+    highest = sorted(cell_peaks.items(), key=lambda x: -x[1])[:3]
     return {"notebook": path.name, "status": "passed" if error is None else "failed", "error": error,
             "seconds": round(seconds, 1), "peak_allocated_gib": gib("allocated"), "peak_reserved_gib": gib("reserved"),
             "peak_device_gib": round(watch.peak / 2**30, 2) if watch.active else None,
             "slowest_cells": ", ".join(f"{i}: {t:.0f} s" for t, i in slowest[:3] if t >= 1),
+            "highest_cells": ", ".join(f"{i}: {g:.2f} GiB" for i, g in highest),
+            "cell_peak_gib": dict(sorted(cell_peaks.items())),
             "cell_seconds": {i: round(t, 1) for t, i in sorted(slowest, key=lambda x: x[1]) if t >= 0.5}}
 
 
@@ -240,9 +268,22 @@ def unmeasured_row(path: Path, status: str, error: str | None = None) -> dict:
             "peak_reserved_gib": None, "peak_device_gib": None}
 
 
+def make_stand_in() -> Path:
+    """A temporary folder that run_one puts on the kernel's PYTHONPATH (sitecustomize.py) and IPYTHONDIR (the cell
+    peaks' startup file)."""
+    stand_in = Path(tempfile.mkdtemp(prefix="qadapter-runner-"))
+    (stand_in / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    startup = stand_in / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    (startup / "00-cell-peaks.py").write_text(CELL_PEAKS)
+    return stand_in
+
+
 def run_one(path: Path, args, stand_in: Path, watch_device: bool) -> dict:
     """Execute `path` in a child process of its own (its own environment, peak file and kernel) and return its row."""
     env = dict(os.environ, QADAPTER_PEAK_FILE=str(stand_in / f"peaks-{path.stem}.jsonl"),
+               QADAPTER_CELL_PEAK_FILE=str(stand_in / f"cell-peaks-{path.stem}.jsonl"),
+               IPYTHONDIR=str(stand_in / "ipython"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(stand_in), str(REPO), os.environ.get("PYTHONPATH")])),
                MPLBACKEND="module://matplotlib_inline.backend_inline", TOKENIZERS_PARALLELISM="false",
                PYTHONHASHSEED="0")
@@ -309,12 +350,13 @@ def write_table(rows: list[dict], meta: dict, out_dir: Path) -> None:
              f"{fmt(meta['fp16_tflops'], '{:.0f}')} TFLOP/s (T4 estimate = wall time x rate / "
              f"{T4_FP16_TFLOPS:.0f}); `{meta['command']}`.", "",
              "| notebook | status | wall time (s) | T4 estimate (min) | peak allocated (GiB) | peak reserved (GiB) "
-             "| peak on the device, CUDA contexts included (GiB) | slowest cells | first error |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| peak on the device, CUDA contexts included (GiB) | slowest cells | highest cells (peak allocated) "
+             "| first error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['notebook']} | {r['status']} | {r['seconds']:.0f} | {fmt(r['t4_minutes'])} | "
                      f"{fmt(r['peak_allocated_gib'])} | {fmt(r['peak_reserved_gib'])} | "
-                     f"{fmt(r['peak_device_gib'])} | {r.get('slowest_cells') or ''} | "
+                     f"{fmt(r['peak_device_gib'])} | {r.get('slowest_cells') or ''} | {r.get('highest_cells') or ''} | "
                      f"{'; '.join(x for x in (r['error'], r.get('note')) if x).replace('|', '/')} |")
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
 
@@ -348,8 +390,7 @@ def main(argv=None) -> int:
         raise SystemExit("--t4 stands in for a Colab T4 on a CUDA GPU, and this machine has none: run the notebooks "
                          "on the CPU with `make run` (the tiny model), or without --t4")
     rate = fp16_tflops()
-    stand_in = Path(tempfile.mkdtemp(prefix="qadapter-runner-"))
-    (stand_in / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    stand_in = make_stand_in()
     meta = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU", "t4": args.t4,
             "mode": (f"T4 stand-in ({T4_TOTAL_GIB} GiB, of which {T4_CONTEXT_GIB} GiB for the CUDA context: "
                      f"PyTorch's allocator capped at {T4_TOTAL_GIB - T4_CONTEXT_GIB:.2f} GiB; fp16)"

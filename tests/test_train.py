@@ -74,6 +74,26 @@ def test_teacher_forced_accuracy_is_greedy_decoding():
     assert generate_answers(model, tok, [prompt], max_new_tokens=4) == [tok.decode(greedy).strip()]
 
 
+def test_evaluation_bounds_the_tokens_per_forward_pass_without_changing_the_scores():
+    model, tok = load_model("tiny", bits=4)
+    add_adapter(model, "lora")
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)  # a non-zero adapter, so the scores are not the base model's
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    whole = evaluate(model, tok, EVAL[:40], batch_size=32)
+    assert len(calls) == 2 and max(calls) > 64
+    calls.clear()
+    bounded = evaluate(model, tok, EVAL[:40], batch_size=32, max_batch_tokens=64)
+    hook.remove()
+    assert len(calls) > 2 and max(calls) <= 64  # every embedded example is shorter than 64 tokens
+    assert bounded["examples"] == whole["examples"] == 40
+    assert bounded["accuracy"] == whole["accuracy"] and bounded["token accuracy"] == whole["token accuracy"]
+    assert bounded["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-5)
+
+
 def _run(folder, stop=None, resume=False):
     torch.manual_seed(0)
     model, tok = load_model("tiny", bits=4)
