@@ -66,6 +66,12 @@ SITECUSTOMIZE = textwrap.dedent('''
 
         torch.cuda.reset_peak_memory_stats = reset_peak_memory_stats
 
+        def high_water():
+            fold()
+            return peak["allocated"]
+
+        torch.cuda.qadapter_high_water = high_water  # read after every cell (CELL_PEAKS)
+
         def write():
             fold()
             with open(os.environ["QADAPTER_PEAK_FILE"], "a") as f:
@@ -100,8 +106,10 @@ SITECUSTOMIZE = textwrap.dedent('''
         _qadapter_standin()
 ''')
 
-# Runs in the kernel after every cell (an IPython startup file, found through IPYTHONDIR): appends the cell's peak of
-# PyTorch's allocator, then resets the peak for the next cell, so the table can say which cell needed the memory.
+# Runs in the kernel after every cell (an IPython startup file, found through IPYTHONDIR): appends the peak of
+# PyTorch's allocator so far (sitecustomize's high-water mark, which a notebook's own resets of the peak statistics do
+# not lower), so that the runner can say which cells raised it. It reads and never resets: the notebook's own
+# measurements across cells stay as a learner gets them.
 CELL_PEAKS = textwrap.dedent('''
     import json, os, sys
 
@@ -109,10 +117,9 @@ CELL_PEAKS = textwrap.dedent('''
         torch = sys.modules.get("torch")
         if torch is None or not torch.cuda.is_initialized():
             return
-        record = {"cell": result.execution_count, "allocated": torch.cuda.max_memory_allocated()}
+        high_water = getattr(torch.cuda, "qadapter_high_water", torch.cuda.max_memory_allocated)
         with open(os.environ["QADAPTER_CELL_PEAK_FILE"], "a") as f:
-            f.write(json.dumps(record) + "\\n")
-        torch.cuda.reset_peak_memory_stats()
+            f.write(json.dumps({"cell": result.execution_count, "allocated": high_water()}) + "\\n")
 
     if os.environ.get("QADAPTER_CELL_PEAK_FILE"):
         get_ipython().events.register("post_run_cell", _qadapter_cell_peak)
@@ -234,18 +241,18 @@ def execute(path: Path, out_dir: Path, cell_timeout: int, watch_device: bool) ->
     gib = lambda key: round(max(p[key] for p in peaks) / 2**30, 2) if peaks else None  # noqa: E731
     cell_of = {c.execution_count: i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.execution_count}
     cell_file = Path(os.environ.get("QADAPTER_CELL_PEAK_FILE") or os.devnull)
-    cell_peaks = {}  # cell index -> GiB, for the cells that allocated on the GPU
+    raised = {}  # cell index -> the GPU peak (GiB) it raised the notebook's high-water mark to
     for line in cell_file.read_text().splitlines() if cell_file.exists() else []:
         record = json.loads(line)
-        if record["cell"] in cell_of:
-            cell_peaks[cell_of[record["cell"]]] = round(record["allocated"] / 2**30, 2)
-    highest = sorted(cell_peaks.items(), key=lambda x: -x[1])[:3]
+        if record["cell"] in cell_of and record["allocated"] > max(raised.values(), default=0):
+            raised[cell_of[record["cell"]]] = record["allocated"]
+    raised = {i: round(b / 2**30, 2) for i, b in raised.items()}
     return {"notebook": path.name, "status": "passed" if error is None else "failed", "error": error,
             "seconds": round(seconds, 1), "peak_allocated_gib": gib("allocated"), "peak_reserved_gib": gib("reserved"),
             "peak_device_gib": round(watch.peak / 2**30, 2) if watch.active else None,
             "slowest_cells": ", ".join(f"{i}: {t:.0f} s" for t, i in slowest[:3] if t >= 1),
-            "highest_cells": ", ".join(f"{i}: {g:.2f} GiB" for i, g in highest),
-            "cell_peak_gib": dict(sorted(cell_peaks.items())),
+            "peak_cells": ", ".join(f"{i}: {g:.2f} GiB" for i, g in list(raised.items())[-3:]),
+            "peak_raised_gib": raised,
             "cell_seconds": {i: round(t, 1) for t, i in sorted(slowest, key=lambda x: x[1]) if t >= 0.5}}
 
 
@@ -350,13 +357,13 @@ def write_table(rows: list[dict], meta: dict, out_dir: Path) -> None:
              f"{fmt(meta['fp16_tflops'], '{:.0f}')} TFLOP/s (T4 estimate = wall time x rate / "
              f"{T4_FP16_TFLOPS:.0f}); `{meta['command']}`.", "",
              "| notebook | status | wall time (s) | T4 estimate (min) | peak allocated (GiB) | peak reserved (GiB) "
-             "| peak on the device, CUDA contexts included (GiB) | slowest cells | highest cells (peak allocated) "
+             "| peak on the device, CUDA contexts included (GiB) | slowest cells | last cells to raise the peak "
              "| first error |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['notebook']} | {r['status']} | {r['seconds']:.0f} | {fmt(r['t4_minutes'])} | "
                      f"{fmt(r['peak_allocated_gib'])} | {fmt(r['peak_reserved_gib'])} | "
-                     f"{fmt(r['peak_device_gib'])} | {r.get('slowest_cells') or ''} | {r.get('highest_cells') or ''} | "
+                     f"{fmt(r['peak_device_gib'])} | {r.get('slowest_cells') or ''} | {r.get('peak_cells') or ''} | "
                      f"{'; '.join(x for x in (r['error'], r.get('note')) if x).replace('|', '/')} |")
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
 

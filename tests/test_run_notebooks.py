@@ -85,7 +85,7 @@ def test_a_notebook_past_its_time_limit_is_killed_with_its_kernel(tmp_path):
     assert not [p for p in psutil.process_iter() if marked(p)]  # neither the child nor its kernel is left
 
 
-def test_runner_records_each_cells_gpu_peak_through_the_kernels_startup_hook(tmp_path):
+def test_runner_names_the_cells_that_raised_the_gpu_peak_without_resetting_it(tmp_path):
     # no GPU here: the notebook fakes CUDA's statistics, so the runner's own path (IPYTHONDIR startup file in the
     # kernel, its records mapped from execution counts to cell indices) runs as on a GPU
     sys.path.insert(0, str(RUNNER.parent))
@@ -93,19 +93,23 @@ def test_runner_records_each_cells_gpu_peak_through_the_kernels_startup_hook(tmp
 
     import run_notebooks
 
+    peak = "torch.cuda.max_memory_allocated = lambda *a, **k: {} * 2**30"
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell("# a title"),
                 nbformat.v4.new_code_cell("x = 0  # before torch is imported: nothing to record"),
-                nbformat.v4.new_code_cell("import torch\ntorch.cuda.is_initialized = lambda: True\n"
-                                          "torch.cuda.max_memory_allocated = lambda *a, **k: 3 * 2**30\n"
-                                          "torch.cuda.reset_peak_memory_stats = lambda *a, **k: None"),
+                nbformat.v4.new_code_cell("import torch\ntorch.cuda.is_initialized = lambda: True\nresets = []\n"
+                                          "torch.cuda.reset_peak_memory_stats = lambda *a, **k: resets.append(1)\n"
+                                          + peak.format(3)),
                 nbformat.v4.new_markdown_cell("text between"),
-                nbformat.v4.new_code_cell("torch.cuda.max_memory_allocated = lambda *a, **k: 2**29")]
+                nbformat.v4.new_code_cell(peak.format(1)),
+                nbformat.v4.new_code_cell(peak.format(5)),
+                nbformat.v4.new_code_cell(peak.format(4)),
+                nbformat.v4.new_code_cell("assert not resets, 'the runner reset the statistics the notebook reads'")]
     path = tmp_path / "peaks.ipynb"
     nbformat.write(nb, path)
     args = argparse.Namespace(out=tmp_path / "out", cell_timeout=60, notebook_timeout=120, t4=False)
     args.out.mkdir()
     row = run_notebooks.run_one(path, args, run_notebooks.make_stand_in(), watch_device=False)
     assert row["status"] == "passed", row
-    assert row["cell_peak_gib"] == {"2": 3.0, "4": 0.5}
-    assert row["highest_cells"] == "2: 3.00 GiB, 4: 0.50 GiB"
+    assert row["peak_raised_gib"] == {"2": 3.0, "5": 5.0}
+    assert row["peak_cells"] == "2: 3.00 GiB, 5: 5.00 GiB"
