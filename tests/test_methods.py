@@ -316,7 +316,17 @@ def test_add_fusion_only_where_the_fused_adapters_sit():
     last = model.config.num_hidden_layers - 1
     for task in ("home", "work"):
         add_adapter(model, "seq_bn", name=task, leave_out=list(range(last)))   # the last layer only
-    add_fusion(model, "home", "work")
+    import adapters.methods.modeling as modeling
+
+    built = []
+    original = modeling.BertFusion.__init__
+    modeling.BertFusion.__init__ = lambda self, *a, **k: built.append(1) or original(self, *a, **k)
+    try:
+        add_fusion(model, "home", "work")
+    finally:
+        modeling.BertFusion.__init__ = original
+    assert len(built) == 1, "a fusion layer is not even created where no fused adapter sits (time on a 7B)"
+    assert all("add_fusion_layer" not in vars(m) for m in model.modules()), "the skip is undone"
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     hidden = model.config.hidden_size
     assert {n.split(".")[2] for n in trainable} == {str(last)}
