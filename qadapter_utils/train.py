@@ -33,6 +33,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -166,9 +167,12 @@ def _claim_output_dir(folder: Path, identity: dict, resume: bool, overwrite: boo
                 f"another output_dir, or pass overwrite_output_dir=True to write next to it (old checkpoints are "
                 f"still never deleted unless you set save_total_limit).")
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{RUN_FILE}.writing"
-    tmp.write_text(json.dumps({"identity": identity}, indent=1))
-    tmp.replace(folder / RUN_FILE)
+    # a temporary file of this call's own: under data parallelism every process claims the same folder at once
+    # (with one shared temporary name, one process's rename took the file from under the other's)
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{RUN_FILE}.", suffix=".writing")
+    with os.fdopen(handle, "w") as f:
+        f.write(json.dumps({"identity": identity}, indent=1))
+    os.replace(tmp, folder / RUN_FILE)
 
 
 def _check_budget(args: dict, max_length) -> None:

@@ -1,5 +1,7 @@
 """qadapter_utils.train: defaults per device, clear errors, resuming after an interruption gives the same adapter
 as an uninterrupted run, no saved work is overwritten, and the teacher-forced accuracy is greedy decoding."""
+import json
+
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -213,3 +215,36 @@ def test_tokens_per_step_batches_whole_rows_up_to_the_budget(tmp_path):
         make_trainer(model, tok, rows, tokens_per_step=160, packing=False, output_dir=tmp_path / "b")
     with pytest.raises(ValueError, match="does not fit"):
         token_batches([5, 9], 8)
+
+
+def test_processes_claiming_one_output_dir_at_once_all_succeed(tmp_path, monkeypatch):
+    # data parallelism: every process runs make_trainer on the same output_dir at the same moment. Two threads
+    # meet between writing the run file and renaming it into place, the order in which a shared temporary name
+    # failed one of two DDP processes (FileNotFoundError) in 2 of 6 runs of scripts/train_distributed.py here
+    import os
+    import threading
+
+    from qadapter_utils import train as train_module
+
+    meet, real_replace, errors = threading.Barrier(2, timeout=30), os.replace, []
+
+    def replace_after_both_wrote(src, dst):
+        meet.wait()
+        real_replace(src, dst)
+
+    monkeypatch.setattr(train_module.os, "replace", replace_after_both_wrote)
+
+    def claim():
+        try:
+            train_module._claim_output_dir(tmp_path / "run", {"run": 1}, resume=False, overwrite=False)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=claim) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert json.loads((tmp_path / "run" / train_module.RUN_FILE).read_text()) == {"identity": {"run": 1}}
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [train_module.RUN_FILE], "no temporary file left"
