@@ -371,7 +371,9 @@ def write_table(rows: list[dict], meta: dict, out_dir: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the executed notebooks and the table")
-    parser.add_argument("--t4", action="store_true", help=f"stand in for a Colab T4 ({T4_TOTAL_GIB} GiB, fp16)")
+    parser.add_argument("--t4", action="store_true",
+                        help=f"stand in for a Colab T4 (reports {T4_TOTAL_GIB} GiB; PyTorch's allocator capped at "
+                             f"{T4_TOTAL_GIB - T4_CONTEXT_GIB:.2f} GiB; no bf16, so fp16)")
     parser.add_argument("--only", nargs="*", help="notebook numbers or name prefixes, e.g. 00 04")
     parser.add_argument("--cell-timeout", type=int, default=1200, help="seconds one cell may take")
     parser.add_argument("--notebook-timeout", type=int, default=1800,
