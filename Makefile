@@ -59,7 +59,7 @@ test-package: $(STAMP)  ## ruff and tests/ (no notebooks)
 test-notebooks: $(STAMP)  ## only nbval over every notebook
 	$(PYTEST) $(NBVAL) $(NOTEBOOKS)
 
-gpu-notebooks: $(STAMP)  ## on a CUDA GPU: every notebook as on a Colab T4 (14.75 GiB, fp16), Llama-2-7B shape; table in build/gpu-notebooks
+gpu-notebooks: $(STAMP)  ## on a CUDA GPU: every notebook as on a Colab T4 (14.75 GiB, 14.15 for PyTorch, fp16), Llama-2-7B shape; table in build/gpu-notebooks
 	QADAPTER_MODEL=$${QADAPTER_MODEL:-random:llama2-7b} $(BIN)/python scripts/run_notebooks.py --t4 --out build/gpu-notebooks
 
 colab-links: $(STAMP)  ## point every Colab badge and install cell at pyproject.toml's [project.urls] Repository
