@@ -7,7 +7,7 @@ model whose linear layers hold the dequantized base weight with the adapter fold
 
 Why not adapters' own `model.merge_adapter(name)`: on a bitsandbytes 4-bit base (adapters 1.3.0, bitsandbytes
 0.50) it writes the merged full-precision matrix back into the `Params4bit` object, still flagged as quantized, so
-the layer later reads float bytes as packed 4-bit codes and the logits are wrong (notebook 05 shows it;
+the layer later reads float bytes as packed 4-bit codes and the logits are wrong (notebook 06 shows it;
 tests/test_merge.py checks it), and it changes the caller's model in place. Merging into 4-bit codes is lossy
 anyway: W + BA is not representable on the NF4 grid of W. So the merged weight is kept in full precision
 (the compute dtype: bf16/fp16 on GPUs, fp32 on the CPU), in a new model built from the same config.
