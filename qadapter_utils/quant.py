@@ -7,8 +7,10 @@ not call bitsandbytes, yet (tests/test_quant.py checks this on every run) it rep
   codes, offset and second-level absmax as `bitsandbytes.functional.quantize_4bit` on the CPU, for fp32/fp16/bf16
   inputs, blocksizes 32 ... 4096 and sizes that are not a multiple of the blocksize. On a CUDA GPU bitsandbytes
   quantizes with its own kernel, and that one gives different bytes for some values: a 7B-shaped layer loaded on an
-  H200 dequantized up to 7e-4 away from this function's result (notebooks/gpu-t4/01_quantization_theory.ipynb);
-  which values it rounds differently is not pinned down yet;
+  H200 dequantized up to 7e-4 away from this function's result (notebooks/gpu-t4/01_quantization_theory.ipynb).
+  The likely place, from bitsandbytes' source: the 8-bit codes of the double-quantized block scales, which its CPU
+  path rounds through a 65,536-entry table and its CUDA kernel by a binary search; `kernel="cuda"` follows the
+  latter (same size of difference on a CPU simulation; not yet compared with a GPU byte for byte);
 - `dequantize_4bit` returns what bitsandbytes' reference kernel returns (the one CUDA and the pure-torch backend
   implement). Caveat, found while writing this module: bitsandbytes 0.50.2's C++ CPU kernel on CPUs with AVX-512
   reads the wrong absmax when a weight row is not a whole number of blocks (e.g. a 352-wide row in blocks of 64),
@@ -144,16 +146,44 @@ def _nearest_code_lut_cached(code_values: tuple) -> torch.Tensor:
     return torch.searchsorted(midpoints, grid, right=False).to(torch.uint8)  # = number of midpoints below v_i
 
 
-def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None,
-                            blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def _binary_search_code(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dQuantize<0> of bitsandbytes' csrc/kernels.cu, for all of x at once: 7 halving steps from index 127 over the
+    256 sorted code values, then the nearer of the last value and its neighbour on x's side, by their midpoint."""
+    pivot = torch.full(x.shape, 127, dtype=torch.long)
+    upper_pivot, lower_pivot = torch.full_like(pivot, 255), torch.zeros_like(pivot)
+    upper, lower = torch.ones_like(x), -torch.ones_like(x)
+    value = code[pivot]
+    step = 64
+    while step:
+        above = x > value
+        lower_pivot, lower = torch.where(above, pivot, lower_pivot), torch.where(above, value, lower)
+        upper_pivot, upper = torch.where(above, upper_pivot, pivot), torch.where(above, upper, value)
+        pivot = torch.where(above, pivot + step, pivot - step)
+        value = code[pivot]
+        step >>= 1
+    upper = torch.where(upper_pivot == 255, code[255], upper)
+    lower = torch.where(lower_pivot == 0, code[0], lower)
+    above = x > value
+    return torch.where(above, torch.where(x > (upper + value) * 0.5, upper_pivot, pivot),
+                       torch.where(x < (lower + value) * 0.5, lower_pivot, pivot))
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = NESTED_BLOCKSIZE,
+                            kernel: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize x in blocks of `blocksize` values to 8-bit indices into `code` (default: `dynamic_code()`).
 
     Returns (indices as uint8 with x's shape, absmax as fp32, one per block). Each block is divided by its largest
-    magnitude, then each value is replaced by the index of the nearest code value, found like bitsandbytes' CPU
-    kernel does: the scaled value is rounded to one of 65536 grid points and looked up in a precomputed table, so
-    a value within ~1.5e-5 of the midpoint between two code values can go either way. Equals
-    `bitsandbytes.functional.quantize_blockwise` on the CPU. (01_quantization_theory)
+    magnitude, then each value is replaced by the index of a nearest code value, found as one of bitsandbytes'
+    kernels finds it. kernel="cpu": the scaled value is rounded to one of 65536 grid points and looked up in a
+    precomputed table, so a value within ~1.5e-5 of the midpoint between two code values can go either way; equals
+    `bitsandbytes.functional.quantize_blockwise` on the CPU (tests/test_quant.py). kernel="cuda": the binary search
+    of bitsandbytes' CUDA kernel (`dQuantize` in csrc/kernels.cu), which compares with the exact midpoint; written
+    from that source and checked on the CPU (it returns the nearest code), not yet compared with a GPU byte for
+    byte. The two disagree only next to midpoints. (01_quantization_theory)
     """
+    if kernel not in ("cpu", "cuda"):
+        raise ValueError(f"kernel={kernel!r}: use 'cpu' (bitsandbytes' CPU lookup table) or 'cuda' (its CUDA kernel's "
+                         f"binary search)")
     _check_float(x, "x")
     code = _cached_code("dynamic") if code is None else code.float()
     if code.numel() != 256 or not bool((code[1:] >= code[:-1]).all()):
@@ -162,9 +192,12 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None,
     absmax = blocks.abs().amax(dim=1)
     safe = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
     scaled = (blocks * (1.0 / safe)[:, None]).clamp(-1.0, 1.0)
-    # ((v + 1) * 0.5) * 65535 + 0.5, truncated: the grid point nearest to v (each step rounded to fp32 as in C)
-    grid_index = ((((scaled + 1.0) * 0.5) * float(_LUT_SIZE - 1)) + 0.5).to(torch.int64)
-    indices = _nearest_code_lut(code)[grid_index]
+    if kernel == "cuda":
+        indices = _binary_search_code(code, scaled).to(torch.uint8)
+    else:
+        # ((v + 1) * 0.5) * 65535 + 0.5, truncated: the grid point nearest to v (each step rounded to fp32 as in C)
+        grid_index = ((((scaled + 1.0) * 0.5) * float(_LUT_SIZE - 1)) + 0.5).to(torch.int64)
+        indices = _nearest_code_lut(code)[grid_index]
     indices[absmax == 0] = 0  # an all-zero block is stored as index 0 (its absmax 0 makes it decode to 0)
     return indices.reshape(-1)[: x.numel()].reshape(x.shape), absmax
 
@@ -220,20 +253,25 @@ class QuantState4bit:
 
 
 def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
-                  double_quant: bool = False) -> tuple[torch.Tensor, QuantState4bit]:
+                  double_quant: bool = False, kernel: str = "cpu") -> tuple[torch.Tensor, QuantState4bit]:
     """Quantize w (any shape, fp32/fp16/bf16) to 4-bit codes in blocks of `blocksize` consecutive values.
 
     Returns (packed, state): packed is uint8 of shape ((numel + 1) // 2, 1), two codes per byte, the first value
     of each pair in the high nibble; state holds the per-block absmax (double-quantized when double_quant) and
     what dequantization needs. quant_type: "nf4", "fp4" (both as in bitsandbytes) or "int4" (plain integers, for
     comparison only). Byte for byte what `bitsandbytes.functional.quantize_4bit(w, blocksize=blocksize,
-    quant_type=quant_type, compress_statistics=double_quant)` returns. (01_quantization_theory)
+    quant_type=quant_type, compress_statistics=double_quant)` returns on the CPU. kernel="cuda" quantizes the
+    double-quantized statistics with the search of bitsandbytes' CUDA kernel instead (see quantize_blockwise_8bit).
+    (01_quantization_theory)
     """
     _check_float(w, "w")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize={blocksize!r} is not supported: use one of {BLOCKSIZES} (64 is the QLoRA default)")
     if quant_type not in _CODES:
         raise ValueError(f"quant_type={quant_type!r} is not supported: use 'nf4' (QLoRA's default), 'fp4' or 'int4'")
+    if kernel not in ("cpu", "cuda"):
+        raise ValueError(f"kernel={kernel!r}: use 'cpu' (bitsandbytes on the CPU) or 'cuda' (its CUDA kernel's search "
+                         f"for the double-quantized statistics)")
     code = _cached_code(quant_type).clone()
 
     # 1. One scale per block: the largest magnitude. Dividing by it maps the block into [-1, 1].
@@ -264,7 +302,8 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
         #    then quantize the absmax values themselves to 8 bits in blocks of 256.
         offset = absmax.mean()
         dynamic = _cached_code("dynamic").clone()
-        state.absmax, state.nested_absmax = quantize_blockwise_8bit(absmax - offset, dynamic, NESTED_BLOCKSIZE)
+        state.absmax, state.nested_absmax = quantize_blockwise_8bit(absmax - offset, dynamic, NESTED_BLOCKSIZE,
+                                                                    kernel=kernel)
         state.offset, state.nested_code = offset, dynamic
     return packed, state
 

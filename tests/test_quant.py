@@ -297,3 +297,40 @@ def test_weight_memory_rejects_bad_input():
         Q.weight_memory(model_config("tiny"), bits=3)
     with pytest.raises(TypeError, match="config"):
         Q.weight_memory("llama2-7b")
+
+
+def test_cuda_kernel_search_finds_the_nearest_code_and_differs_from_the_cpu_table_only_next_to_midpoints():
+    # kernel="cuda" follows dQuantize of bitsandbytes' csrc/kernels.cu (binary search + exact midpoint); the CPU
+    # path rounds through a 65,536-entry table. Both must pick a nearest code up to the table's resolution.
+    g = _gen("8bit-cuda-search")
+    code = Q.dynamic_code()
+    x = torch.cat([torch.rand(200_000, generator=g) * 2 - 1, code, (code[1:] + code[:-1]) / 2,
+                   torch.tensor([-1.0, 1.0, 0.0])])
+    cuda, _ = Q.quantize_blockwise_8bit(x, blocksize=len(x), kernel="cuda")
+    cpu, absmax = Q.quantize_blockwise_8bit(x, blocksize=len(x))
+    assert float(absmax[0]) == 1.0  # the values are already scaled
+    distance = lambda q: (code[q.long()] - x).abs()  # noqa: E731
+    best = torch.cat([(code[None, :] - part[:, None]).abs().min(1).values for part in x.split(20_000)])
+    # a nearest code; at a midpoint (the test includes them) either neighbour, up to fp32 rounding of the tie
+    assert bool((distance(cuda) <= best + 1e-6).all()), "the binary search returns a nearest code"
+    assert int((distance(cuda) > best).sum()) <= len(code), "ties only"
+    differ = cuda != cpu
+    assert 0 < int(differ.sum()) < 0.01 * len(x)  # they do disagree, rarely
+    midpoints = (code[1:] + code[:-1]) / 2
+    gap = torch.cat([(midpoints[None, :] - part[:, None]).abs().min(1).values for part in x[differ].split(20_000)])
+    assert float(gap.max()) < 2 / 65535, "only where the CPU table cannot resolve which side of a midpoint x is"
+
+
+def test_cuda_kernel_option_changes_only_the_double_quantized_statistics():
+    g = _gen("4bit-cuda")
+    w = (torch.randn(1024, 1024, generator=g) * 0.02).half()
+    packed_cpu, cpu = Q.quantize_4bit(w, 64, "nf4", double_quant=True)
+    packed_cuda, cuda = Q.quantize_4bit(w, 64, "nf4", double_quant=True, kernel="cuda")
+    assert torch.equal(packed_cpu, packed_cuda) and torch.equal(cpu.nested_absmax, cuda.nested_absmax)
+    assert cpu.offset == cuda.offset and not torch.equal(cpu.absmax, cuda.absmax)
+    assert int((cpu.absmax != cuda.absmax).sum()) < 0.01 * cpu.absmax.numel()
+    plain_cpu, _ = Q.quantize_4bit(w, 64, "nf4")
+    plain_cuda, _ = Q.quantize_4bit(w, 64, "nf4", kernel="cuda")
+    assert torch.equal(plain_cpu, plain_cuda)  # without double quantization the kernels agree
+    with pytest.raises(ValueError, match="kernel='gpu'"):
+        Q.quantize_4bit(w, 64, "nf4", kernel="gpu")
