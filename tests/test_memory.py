@@ -106,8 +106,9 @@ def tiny_bf16_4bit():
     return model
 
 
-def _saved_bytes(model, batch_size, seq_len) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves for backward in one forward pass."""
+def _saved_bytes(model, batch_size, seq_len, autocast=False) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves for backward in one forward pass (under
+    torch.autocast in the model's bf16 when `autocast`, as Trainer(bf16=True) runs it)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
@@ -119,17 +120,23 @@ def _saved_bytes(model, batch_size, seq_len) -> int:
 
     batch = memory.random_batch(model, batch_size, seq_len)
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+          torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)):
         loss = model(**batch).loss
     del loss
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("method,overrides", [
-    ("lora", {}), ("lora_all", {}), ("lora", {"r": 4, "leave_out": [0, 1]}), ("prefix", {}), ("prefix_flat", {}),
-    ("seq_bn", {}), ("par_bn", {}), ("double_seq_bn", {}), ("ia3", {}),
+@pytest.mark.parametrize("method,overrides,autocast", [
+    ("lora", {}, False), ("lora_all", {}, False), ("lora", {"r": 4, "leave_out": [0, 1]}, False),
+    ("prefix", {}, False), ("prefix_flat", {}, False), ("seq_bn", {}, False), ("par_bn", {}, False),
+    ("double_seq_bn", {}, False), ("ia3", {}, False),
+    # under autocast, as Trainer(bf16=True) runs the forward: compute-dtype copies of adapter inputs and weights
+    ("lora", {}, True), ("lora_all", {}, True), ("lora", {"r": 4, "leave_out": [0, 1]}, True),
+    ("lora_all", {"r": 64}, True), ("seq_bn", {}, True), ("par_bn", {}, True), ("double_seq_bn", {}, True),
+    ("ia3", {}, True),
 ], ids=lambda v: str(v))
-def test_activation_formulas_equal_what_autograd_saves(tiny_bf16_4bit, method, overrides):
+def test_activation_formulas_equal_what_autograd_saves(tiny_bf16_4bit, method, overrides, autocast):
     """Without checkpointing, the estimate's activations at the loss backward (+ the log-softmax output, counted
     with the logits) are exactly the tensors autograd keeps: fp32 adapter casts, RMSNorm fp32 inputs, SDPA, MLP."""
     model = tiny_bf16_4bit
@@ -141,12 +148,12 @@ def test_activation_formulas_equal_what_autograd_saves(tiny_bf16_4bit, method, o
     assert attention == ("eager" if "prefix" in method else "sdpa")
     try:
         batch_size, seq_len = 2, 48
-        saved = _saved_bytes(model, batch_size, seq_len)
+        saved = _saved_bytes(model, batch_size, seq_len, autocast)
     finally:
         model.delete_adapter("a")
     est = memory.estimate_training_memory(
         model_config("tiny"), bits=4, compute_dtype="bfloat16", adapter=methods.adapter_config(method, **overrides),
-        batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=False, device="cpu")
+        batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=False, device="cpu", autocast=autocast)
     assert est.inputs["attn_implementation"] == attention
     log_softmax = 4 * batch_size * seq_len * model.config.vocab_size
     predicted = est.phase_terms["loss backward"]["activations"] + log_softmax
@@ -235,3 +242,15 @@ def test_cpu_measure_reports_phases_and_agrees_with_the_estimate(method):
                                                gradient_checkpointing=False, device="cpu")
     # different kernels on the CPU (bitsandbytes' CPU backend, CPU SDPA), so only a loose agreement
     assert abs(estimate.total - result["peak_allocated"]) <= 0.15 * result["peak_allocated"]
+
+
+def test_autocast_is_refused_where_it_is_not_modeled():
+    with pytest.raises(ValueError, match="8-bit"):
+        memory.estimate_training_memory("llama2-7b", bits=8, autocast=True)
+    with pytest.raises(ValueError, match="PrefixTuningConfig"):
+        memory.estimate_training_memory("llama2-7b", adapter="prefix", autocast=True)
+    plain = memory.estimate_training_memory("llama2-7b", adapter="lora_all", batch_size=4, seq_len=2048,
+                                            gradient_checkpointing=False)
+    mixed = memory.estimate_training_memory("llama2-7b", adapter="lora_all", batch_size=4, seq_len=2048,
+                                            gradient_checkpointing=False, autocast=True)
+    assert mixed.total < plain.total and mixed.inputs["autocast"] and not plain.inputs["autocast"]

@@ -4,19 +4,19 @@
     estimate.total, estimate.table()                              # bytes, and the breakdown term by term
     layer_activations("llama2-7b", batch_size=1, seq_len=512)    # what one decoder layer keeps for backward
 
-`estimate_training_memory` predicts the peak `torch.cuda.max_memory_allocated()` term by term, from how
-transformers 4.57 / adapters 1.3 / bitsandbytes 0.50 actually run a training step: SDPA attention (cuDNN / flash
-kernels: no seq x seq matrix; eager attention, which add_adapter uses for prefix tuning, keeps the
-probabilities), RMSNorm saving its fp32 input, the 4-bit matmul saving no activation (it dequantizes the weight
-again in backward), the 8-bit matmul keeping its input and the LLM.int8() outlier columns in its ctx where
-checkpointing cannot drop them, the fp32 upcast of the logits in the loss (log-softmax output kept, 3 fp32
-seq x vocab tensors alive in its backward), what non-reentrant gradient checkpointing keeps (each layer's input)
-and recomputes (one layer), adapter weights in fp32 with casts at their edges as
-`qadapter_utils.methods.add_adapter` places them, the optimizer's states and step temporaries, the cuBLAS
-workspace and the CUDA caching allocator's rounding. The formulas are shown in notebooks/07_memory_profiling.ipynb;
-tests/test_memory.py checks the estimator against the peaks measured on GPUs (benchmarks/results/memory_*.json,
-written by benchmarks/memory_sweep.py: all 93 rows within 3%) and its activation terms against the tensors
-autograd saves.
+`estimate_training_memory` predicts the peak `torch.cuda.max_memory_allocated()` term by term, from how transformers
+4.57 / adapters 1.3 / bitsandbytes 0.50 actually run a training step: SDPA attention (cuDNN / flash kernels: no seq
+x seq matrix; eager attention, which add_adapter uses for prefix tuning, keeps the probabilities), RMSNorm saving
+its fp32 input, the 4-bit matmul saving no activation (it dequantizes the weight again in backward), the 8-bit
+matmul keeping its input and the LLM.int8() outlier columns in its ctx where checkpointing cannot drop them, the
+fp32 upcast of the logits in the loss (log-softmax output kept, 3 fp32 seq x vocab tensors alive in its backward),
+what non-reentrant gradient checkpointing keeps (each layer's input) and recomputes (one layer), adapter weights in
+fp32 with casts at their edges as `qadapter_utils.methods.add_adapter` places them (with autocast=True: the
+compute-dtype copies of the adapter's inputs and weights that torch.autocast makes, as Trainer(bf16/fp16=True) runs
+the forward), the optimizer's states and step temporaries, the cuBLAS workspace and the CUDA caching allocator's
+rounding. The formulas are shown in notebooks/07_memory_profiling.ipynb; tests/test_memory.py checks the estimator
+against the peaks measured on GPUs (benchmarks/results/memory_*.json, written by benchmarks/memory_sweep.py: all 93
+rows within 3%) and its activation terms against the tensors autograd saves.
 
 How bytes are counted is an input of each estimate, carried in a frozen `_Step` (device="cuda": the caching
 allocator's rounding per tensor; "cpu": exact tensor bytes), not module state.
@@ -179,14 +179,15 @@ class _Step:
     int8_outliers: float
     eager: bool
     cuda: bool
+    autocast: bool = False  # the forward runs under torch.autocast(compute dtype), as Trainer(bf16/fp16=True) does
 
     @classmethod
     def of(cls, shape: _Shape, parts, *, batch_size: int, seq_len: int, bits, compute_dtype, adapter_dtype,
-           int8_outliers: float, attn_implementation: str, cuda: bool) -> _Step:
+           int8_outliers: float, attn_implementation: str, cuda: bool, autocast: bool = False) -> _Step:
         return cls(shape=shape, parts=tuple(parts), b=batch_size, s=seq_len, bits=bits,
                    e=_dtype_bytes(compute_dtype),
                    ea=4 if adapter_dtype in (None, "auto") else _dtype_bytes(adapter_dtype),
-                   int8_outliers=int8_outliers, eager=attn_implementation == "eager", cuda=cuda)
+                   int8_outliers=int8_outliers, eager=attn_implementation == "eager", cuda=cuda, autocast=autocast)
 
     @property
     def T(self) -> int:
@@ -435,6 +436,8 @@ class _Item:
     nbytes: int     # allocator bytes (rounded per tensor)
     owned: bool     # created by the adapter (kept even where the hidden state does not require grad yet)
     escapes: bool = False  # kept outside autograd's saved tensors (bitsandbytes int8 ctx): checkpointing can't drop it
+    needs_input_grad: bool = False  # kept only where the tensor entering this position requires grad (autocast's
+    #                                 copy of an adapter's first weight: autograd keeps it for the input's gradient)
 
 
 def _layer_items(step: _Step, layer: int) -> list[_Item]:
@@ -483,6 +486,19 @@ def _layer_items(step: _Step, layer: int) -> list[_Item]:
                     items.append(_Item(pos, f"(IA)^3 {name}: base output and scaling vector",
                                        blk(e * T * fout) + blk(e * b * fout), True))
                     continue
+                if cast and step.autocast:  # fp32 weights under autocast: the matmuls run in the compute dtype
+                    if part.dropout > 0:
+                        items.append(_Item(pos, f"LoRA {name}: dropout output + mask",
+                                           blk(ea * T * fin) + blk(T * fin), True))
+                    items.append(_Item(pos, f"LoRA {name}: input, autocast's copy in the compute dtype",
+                                       blk(e * T * fin), True))
+                    items.append(_Item(pos, f"LoRA {name}: x @ A", blk(e * T * part.r), True))
+                    items.append(_Item(pos, f"LoRA {name}: B, autocast's copy", blk(e * fout * part.r), True))
+                    items.append(_Item(pos, f"LoRA {name}: A, autocast's copy", blk(e * part.r * fin), True,
+                                       needs_input_grad=True))
+                    if part.use_gating:  # output * gate keeps the LoRA output
+                        items.append(_Item(pos, f"LoRA {name}: gated output", blk(e * T * fout), True))
+                    continue
                 if part.dropout > 0:
                     items.append(_Item(pos, f"LoRA {name}: dropout output + mask",
                                        blk(ea * T * fin) + blk(T * fin), True))
@@ -501,8 +517,18 @@ def _layer_items(step: _Step, layer: int) -> list[_Item]:
                 act = 1 if part.non_linearity.lower() in ("relu", "tanh", "sigmoid") else 2
                 n_h = 1 + int(bool(part.ln_before)) + int(bool(part.ln_after))
                 width = ea if cast else e
-                items.append(_Item(pos, f"bottleneck {loc}: input (+ layer norms)", n_h * blk(width * T * h), True))
-                items.append(_Item(pos, f"bottleneck {loc}: activation", act * blk(width * T * dn), True))
+                if cast and step.autocast:  # the linears run in the compute dtype (layer norms stay in fp32)
+                    items.append(_Item(pos, f"bottleneck {loc}: input, autocast's copy (+ fp32 layer norm inputs)",
+                                       blk(e * T * h) + (n_h - 1) * blk(ea * T * h), True))
+                    items.append(_Item(pos, f"bottleneck {loc}: activation", act * blk(e * T * dn), True))
+                    items.append(_Item(pos, f"bottleneck {loc}: up weight, autocast's copy", blk(e * h * dn), True))
+                    items.append(_Item(pos, f"bottleneck {loc}: down weight, autocast's copy", blk(e * dn * h), True,
+                                       needs_input_grad=True))
+                    width = e
+                else:
+                    items.append(_Item(pos, f"bottleneck {loc}: input (+ layer norms)", n_h * blk(width * T * h),
+                                       True))
+                    items.append(_Item(pos, f"bottleneck {loc}: activation", act * blk(width * T * dn), True))
                 if part.use_gating:  # output * gate keeps the adapter output
                     items.append(_Item(pos, f"bottleneck {loc}: gated output", blk(width * T * h), True))
     return items
@@ -517,9 +543,10 @@ def _layers(step: _Step, input_requires_grad: bool) -> list[list[_Item]]:
     for layer in range(step.shape.L):
         items = _layer_items(step, layer)
         if not flowing:
-            owned = [it for it in items if it.owned]
+            owned = [it for it in items if it.owned and not it.needs_input_grad]
             first = min((it.pos for it in owned), default=None)
-            items = [it for it in items if it.owned or (first is not None and it.pos >= first)]
+            items = [it for it in items if (it.owned and not it.needs_input_grad) or (first is not None and (
+                it.pos > first or (it.pos == first and not it.needs_input_grad)))]
             flowing = first is not None
         out.append(items)
     return out
@@ -530,7 +557,8 @@ def estimate_training_memory(config="llama2-7b", *, bits: int | None = 4, quant_
                              adapter_dtype="auto", batch_size: int = 1, seq_len: int = 512,
                              gradient_checkpointing: bool = True, optimizer: str = "adamw_torch",
                              int8_outliers: float = 1.0, input_requires_grad: bool | None = None,
-                             attn_implementation: str | None = None, device: str = "cuda") -> MemoryEstimate:
+                             attn_implementation: str | None = None, device: str = "cuda",
+                             autocast: bool = False) -> MemoryEstimate:
     """Predict the peak `torch.cuda.max_memory_allocated()` of training `adapter` on a `bits`-quantized model
     of `config` with batches of `batch_size` x `seq_len` tokens; no GPU and no weights needed.
 
@@ -552,6 +580,11 @@ def estimate_training_memory(config="llama2-7b", *, bits: int | None = 4, quant_
     probabilities of every head (fp32 and a copy) for backward: it grows with the square of the sequence.
     device: "cuda" (allocator rounding to 512 B / 2 MiB blocks and 64 MiB of cuBLAS workspace, as on Hopper
     GPUs) or "cpu" (exact tensor bytes, for comparing with the CPU measure of `measure_training_memory`).
+    autocast: the forward runs under `torch.autocast(compute_dtype)`, as transformers' Trainer runs it with
+    bf16=True / fp16=True (what `make_trainer` sets on a GPU). With fp32 adapter weights the adapter's matmuls then
+    keep compute-dtype copies of their inputs and of their weights instead of fp32 inputs. Modeled for LoRA-type
+    methods ((IA)^3 included) and bottleneck adapters on 4-bit or unquantized bases and checked against the tensors
+    autograd saves on the CPU (tests/test_memory.py); not yet against GPU peaks (issue #14).
     Returns a MemoryEstimate whose terms sum to the predicted peak; the formulas are in the notebook.
     Assumes a training step as AdapterTrainer runs it: train mode, no padding (SDPA without a mask), loss from
     the model's labels, outputs dropped before backward. (07_memory_profiling)"""
@@ -566,22 +599,39 @@ def estimate_training_memory(config="llama2-7b", *, bits: int | None = 4, quant_
     config = _resolve_config(config)
     adapter_obj = _resolve_adapter(adapter)
     parts = _components(adapter_obj)
+    if autocast:
+        _check_autocast_modeled(parts, bits)
     attn_implementation = _attention(parts, attn_implementation)
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(f"attn_implementation={attn_implementation!r}: use 'sdpa' or 'eager'")
     step = _Step.of(_Shape.of(config), parts, batch_size=batch_size, seq_len=seq_len, bits=bits,
                     compute_dtype=compute_dtype, adapter_dtype=adapter_dtype, int8_outliers=int8_outliers,
-                    attn_implementation=attn_implementation, cuda=device == "cuda")
+                    attn_implementation=attn_implementation, cuda=device == "cuda", autocast=autocast)
     inputs = dict(config=getattr(config, "name_or_path", "") or type(config).__name__, bits=bits,
                   quant_type=quant_type, double_quant=double_quant, compute_dtype=str(compute_dtype),
                   adapter=adapter if isinstance(adapter, str) else type(adapter_obj).__name__,
                   adapter_dtype=str(adapter_dtype), batch_size=batch_size, seq_len=seq_len,
                   gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
-                  attn_implementation=attn_implementation)
+                  attn_implementation=attn_implementation, autocast=autocast)
     return _estimate(step, config, adapter_obj, quant_type=quant_type, double_quant=double_quant,
                      compute_dtype=compute_dtype, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
                      input_requires_grad=gradient_checkpointing if input_requires_grad is None else input_requires_grad,
                      inputs=inputs)
+
+
+def _check_autocast_modeled(parts, bits) -> None:
+    """Raise ValueError for what autocast=True does not model yet."""
+    from adapters import BnConfig, LoRAConfig
+
+    if bits == 8:
+        raise ValueError("autocast=True is not modeled for 8-bit bases yet (bitsandbytes' int8 matmul keeps fp16 "
+                         "copies of its inputs under autocast): estimate with autocast=False, or measure")
+    for part in parts:
+        lora = isinstance(part, LoRAConfig) and not _is_vera(part)
+        bottleneck = isinstance(part, BnConfig) and not part.phm_layer and not part.inv_adapter
+        if not (lora or bottleneck):
+            raise ValueError(f"autocast=True is modeled for LoRA-type methods and bottleneck adapters, not for "
+                             f"{type(part).__name__}: estimate with autocast=False, or measure")
 
 
 def _estimate(step: _Step, config, adapter_obj, *, quant_type: str, double_quant: bool, compute_dtype,
@@ -701,7 +751,7 @@ def _estimate(step: _Step, config, adapter_obj, *, quant_type: str, double_quant
 
 def layer_activations(config="llama2-7b", *, bits: int | None = 4, compute_dtype="bfloat16", adapter="lora",
                       adapter_dtype="auto", batch_size: int = 1, seq_len: int = 512,
-                      attn_implementation: str | None = None, int8_outliers: float = 1.0):
+                      attn_implementation: str | None = None, int8_outliers: float = 1.0, autocast: bool = False):
     """What one (middle) decoder layer keeps for backward, as the estimator counts it: a pandas DataFrame with one
     row per tensor kind (where in the layer, bytes, bytes per token, whether gradient checkpointing drops it).
     Exact tensor bytes (no allocator rounding). (07_memory_profiling)"""
@@ -709,10 +759,12 @@ def layer_activations(config="llama2-7b", *, bits: int | None = 4, compute_dtype
 
     config = _resolve_config(config)
     parts = _components(_resolve_adapter(adapter))
+    if autocast:
+        _check_autocast_modeled(parts, bits)
     shape = _Shape.of(config)
     step = _Step.of(shape, parts, batch_size=batch_size, seq_len=seq_len, bits=bits, compute_dtype=compute_dtype,
                     adapter_dtype=adapter_dtype, int8_outliers=int8_outliers,
-                    attn_implementation=_attention(parts, attn_implementation), cuda=False)
+                    attn_implementation=_attention(parts, attn_implementation), cuda=False, autocast=autocast)
     items = _layer_items(step, shape.L // 2)
     where = {0: "input norm", 1: "q/k/v", 2: "attention", 3: "o_proj", 4: "after attention", 5: "post-attn norm",
              6: "MLP", 7: "after MLP"}
@@ -729,7 +781,7 @@ def layer_activations(config="llama2-7b", *, bits: int | None = 4, compute_dtype
 def estimate_for_row(row: dict) -> int:
     """The estimate (bytes) for one row of a table written by benchmarks/memory_sweep.py."""
     overrides = row.get("overrides", {})
-    extra = {k: row[k] for k in ("input_requires_grad", "attn_implementation") if k in row}
+    extra = {k: row[k] for k in ("input_requires_grad", "attn_implementation", "autocast") if k in row}
     return estimate_training_memory(
         row["model"], bits=row["bits"], quant_type=row.get("quant_type", "nf4"),
         double_quant=row.get("double_quant", True), compute_dtype=row.get("compute_dtype", "bfloat16"),
