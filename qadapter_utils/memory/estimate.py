@@ -583,8 +583,8 @@ def estimate_training_memory(config="llama2-7b", *, bits: int | None = 4, quant_
     autocast: the forward runs under `torch.autocast(compute_dtype)`, as transformers' Trainer runs it with
     bf16=True / fp16=True (what `make_trainer` sets on a GPU). With fp32 adapter weights the adapter's matmuls then
     keep compute-dtype copies of their inputs and of their weights instead of fp32 inputs. Modeled for LoRA-type
-    methods ((IA)^3 included) and bottleneck adapters on 4-bit or unquantized bases and checked against the tensors
-    autograd saves on the CPU (tests/test_memory.py); not yet against GPU peaks (issue #14).
+    methods ((IA)^3 included), bottleneck adapters and prefix tuning on 4-bit or unquantized bases and checked
+    against the tensors autograd saves on the CPU (tests/test_memory.py); not yet against GPU peaks (issue #14).
     Returns a MemoryEstimate whose terms sum to the predicted peak; the formulas are in the notebook.
     Assumes a training step as AdapterTrainer runs it: train mode, no padding (SDPA without a mask), loss from
     the model's labels, outputs dropped before backward. (07_memory_profiling)"""
@@ -621,7 +621,7 @@ def estimate_training_memory(config="llama2-7b", *, bits: int | None = 4, quant_
 
 def _check_autocast_modeled(parts, bits) -> None:
     """Raise ValueError for what autocast=True does not model yet."""
-    from adapters import BnConfig, LoRAConfig
+    from adapters import BnConfig, LoRAConfig, PrefixTuningConfig
 
     if bits == 8:
         raise ValueError("autocast=True is not modeled for 8-bit bases yet (bitsandbytes' int8 matmul keeps fp16 "
@@ -629,8 +629,9 @@ def _check_autocast_modeled(parts, bits) -> None:
     for part in parts:
         lora = isinstance(part, LoRAConfig) and not _is_vera(part)
         bottleneck = isinstance(part, BnConfig) and not part.phm_layer and not part.inv_adapter
-        if not (lora or bottleneck):
-            raise ValueError(f"autocast=True is modeled for LoRA-type methods and bottleneck adapters, not for "
+        if not (lora or bottleneck or isinstance(part, PrefixTuningConfig)):
+            raise ValueError(f"autocast=True is modeled for LoRA-type methods, bottleneck adapters and prefix "
+                             f"tuning, not for "
                              f"{type(part).__name__}: estimate with autocast=False, or measure")
 
 
@@ -668,7 +669,11 @@ def _estimate(step: _Step, config, adapter_obj, *, quant_type: str, double_quant
     for p in (p for p in parts if isinstance(p, PrefixTuningConfig)):
         n_layers = sum(_in_layer(p, layer) for layer in range(shape.L))
         pool_out += blk(e * b * p.prefix_length * n_layers * 2 * shape.nkv * shape.hd)
-        if not p.flat:
+        if not p.flat and step.autocast and step.cast:  # the MLP's linears run in the compute dtype: their inputs
+            kv_all = n_layers * 2 * shape.nkv * shape.hd  # and autocast's copies of both weights are kept
+            pool_saved += (blk(e * b * p.prefix_length * h) + blk(e * b * p.prefix_length * p.bottleneck_size)
+                           + blk(e * h * p.bottleneck_size) + blk(e * p.bottleneck_size * kv_all))
+        elif not p.flat:
             pool_saved += blk(ea * b * p.prefix_length * h) + blk(ea * b * p.prefix_length * p.bottleneck_size)
     # with checkpointing the recomputation needs the prefixes, so the context (and the output) lives into backward
     pool = pool_saved + (pool_out if gradient_checkpointing else 0)
