@@ -10,7 +10,8 @@ not call bitsandbytes, yet (tests/test_quant.py checks this on every run) it rep
   H200 dequantized up to 7e-4 away from this function's result (notebooks/gpu-t4/01_quantization_theory.ipynb).
   The likely place, from bitsandbytes' source: the 8-bit codes of the double-quantized block scales, which its CPU
   path rounds through a 65,536-entry table and its CUDA kernel by a binary search; `kernel="cuda"` follows the
-  latter (same size of difference on a CPU simulation; not yet compared with a GPU byte for byte);
+  latter (same size of difference on a CPU simulation; not yet compared with a GPU byte for byte:
+  benchmarks/quant_bytes.py does that);
 - `dequantize_4bit` returns what bitsandbytes' reference kernel returns (the one CUDA and the pure-torch backend
   implement). Caveat, found while writing this module: bitsandbytes 0.50.2's C++ CPU kernel on CPUs with AVX-512
   reads the wrong absmax when a weight row is not a whole number of blocks (e.g. a 352-wide row in blocks of 64),

@@ -1,6 +1,8 @@
 """benchmarks/recipe_vs_peft.py and t4_check.py --model tiny --quick run on the CPU (every code path, tiny
-numbers): only where peft is importable (it is not a dependency of the package)."""
+numbers): only where peft is importable (it is not a dependency of the package). benchmarks/quant_bytes.py runs on
+the CPU everywhere."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -35,3 +37,16 @@ def test_t4_check_quick_runs(tmp_path):
     assert "make_trainer: packed attention + chunked loss + tiled MLP + offloaded checkpoints" in md
     assert "Longest that trains: stock PEFT: 128, adapters, plain loss: 128, ours: 384" in md
     assert "full configuration vs plain recipe" in md and "## Errors" not in md
+
+
+def test_quant_bytes_on_the_cpu_finds_the_cpu_kernel_identical(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quant_bytes.py"), "--device", "cpu",
+                           "--scale", "0.02", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "quant_bytes_cpu.json").read_text())["rows"]
+    assert len(rows) == 16 and all(r["identical bytes"] for r in rows if r["kernel"] == "cpu")
+    # the CUDA kernel's search parts from bitsandbytes' CPU table only in the double-quantized scales
+    cuda = [r for r in rows if r["kernel"] == "cuda"]
+    assert all(r["codes equal"] for r in cuda)
+    assert all(r["identical bytes"] != r["double_quant"] for r in cuda)
+    assert (tmp_path / "quant_bytes_cpu.md").exists()
