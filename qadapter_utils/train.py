@@ -609,6 +609,8 @@ def evaluate(model, tokenizer, dataset, batch_size: int = 32, max_length: int | 
     samples apart; the token bound keeps the fp32 logits small: 4,096 tokens x 32,000 = 0.5 GiB, which a T4 holding
     a merged fp16 7B still has). The model is put in eval mode and
     its train/eval mode restored afterwards. (05_training)"""
+    for key, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+        check_number(key, value, low=1, integer=True, hint="a whole number >= 1, e.g. 32 examples / 4096 tokens")
     rows = _as_tokenized(dataset, tokenizer, max_length)
     rows = list(rows) if not isinstance(rows, list) else rows
     if not rows:

@@ -18,7 +18,7 @@ from qadapter_utils.data import world_qa
 from qadapter_utils.guards import IntegrityError, SavedWorkError, UsageError
 from qadapter_utils.methods import AdapterMethodError, add_adapter, load_adapter, save_adapter
 from qadapter_utils.models import ModelLoadError, load_model
-from qadapter_utils.train import make_trainer, save_trained_adapter
+from qadapter_utils.train import evaluate, make_trainer, save_trained_adapter
 
 TRAIN, _ = world_qa(as_dataset=False)
 ROWS = TRAIN[:16]
@@ -77,6 +77,14 @@ CASES = [
                                                                        double_quant=True), ValueError, "non-finite"),
     ("quantize_4bit inf", lambda c: quant.quantize_4bit(torch.tensor([1.0, math.inf] * 64)), ValueError,
      "non-finite"),
+    ("evaluate max_batch_tokens=0", lambda c: evaluate(c.model, c.tok, ROWS[:2], max_batch_tokens=0), UsageError,
+     "max_batch_tokens=0"),
+    ("evaluate batch_size=2.5", lambda c: evaluate(c.model, c.tok, ROWS[:2], batch_size=2.5), UsageError,
+     "batch_size=2.5"),
+    ("quantize_4bit kernel='gpu'", lambda c: quant.quantize_4bit(torch.zeros(64), kernel="gpu"), ValueError,
+     "kernel='gpu'"),
+    ("estimate autocast with 8-bit", lambda c: memory.estimate_training_memory("llama2-7b", bits=8, autocast=True),
+     ValueError, "8-bit"),
     ("max_batch_size limit=0", lambda c: memory.max_batch_size("T4", limit=0), ValueError, "limit=0"),
     ("max_seq_len limit=100", lambda c: memory.max_seq_len("T4", limit=100), ValueError, "limit=100"),
     ("safety_margin=-1", lambda c: memory.fits("llama2-7b", "T4", safety_margin=-1), ValueError, "[0, 1)"),
