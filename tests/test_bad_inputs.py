@@ -83,6 +83,8 @@ CASES = [
      "batch_size=2.5"),
     ("quantize_4bit kernel='gpu'", lambda c: quant.quantize_4bit(torch.zeros(64), kernel="gpu"), ValueError,
      "kernel='gpu'"),
+    ("estimate autocast='yes'", lambda c: memory.estimate_training_memory("llama2-7b", autocast="yes"), ValueError,
+     "autocast='yes'"),
     ("estimate autocast with 8-bit", lambda c: memory.estimate_training_memory("llama2-7b", bits=8, autocast=True),
      ValueError, "8-bit"),
     ("max_batch_size limit=0", lambda c: memory.max_batch_size("T4", limit=0), ValueError, "limit=0"),

@@ -596,6 +596,9 @@ def estimate_training_memory(config="llama2-7b", *, bits: int | None = 4, quant_
         raise ValueError(f"optimizer={optimizer!r} is not supported: use one of {', '.join(_OPTIMIZERS)}")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: use 'cuda' or 'cpu'")
+    if not isinstance(autocast, bool):
+        raise ValueError(f"autocast={autocast!r}: use True (the forward under torch.autocast, as Trainer(bf16=True) "
+                         f"runs it) or False")
     config = _resolve_config(config)
     adapter_obj = _resolve_adapter(adapter)
     parts = _components(adapter_obj)
