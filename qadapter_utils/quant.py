@@ -147,6 +147,12 @@ def _nearest_code_lut_cached(code_values: tuple) -> torch.Tensor:
     return torch.searchsorted(midpoints, grid, right=False).to(torch.uint8)  # = number of midpoints below v_i
 
 
+def _check_kernel(kernel) -> None:
+    if kernel not in ("cpu", "cuda"):
+        raise ValueError(f"kernel={kernel!r}: use 'cpu' (bitsandbytes' CPU path: a 65,536-bin lookup table for 8-bit "
+                         f"codes) or 'cuda' (its CUDA kernel's binary search)")
+
+
 def _binary_search_code(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dQuantize<0> of bitsandbytes' csrc/kernels.cu, for all of x at once: 7 halving steps from index 127 over the
     256 sorted code values, then the nearer of the last value and its neighbour on x's side, by their midpoint."""
@@ -182,9 +188,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, b
     from that source and checked on the CPU (it returns the nearest code), not yet compared with a GPU byte for
     byte. The two disagree only next to midpoints. (01_quantization_theory)
     """
-    if kernel not in ("cpu", "cuda"):
-        raise ValueError(f"kernel={kernel!r}: use 'cpu' (bitsandbytes' CPU lookup table) or 'cuda' (its CUDA kernel's "
-                         f"binary search)")
+    _check_kernel(kernel)
     _check_float(x, "x")
     code = _cached_code("dynamic") if code is None else code.float()
     if code.numel() != 256 or not bool((code[1:] >= code[:-1]).all()):
@@ -270,9 +274,7 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
         raise ValueError(f"blocksize={blocksize!r} is not supported: use one of {BLOCKSIZES} (64 is the QLoRA default)")
     if quant_type not in _CODES:
         raise ValueError(f"quant_type={quant_type!r} is not supported: use 'nf4' (QLoRA's default), 'fp4' or 'int4'")
-    if kernel not in ("cpu", "cuda"):
-        raise ValueError(f"kernel={kernel!r}: use 'cpu' (bitsandbytes on the CPU) or 'cuda' (its CUDA kernel's search "
-                         f"for the double-quantized statistics)")
+    _check_kernel(kernel)
     code = _cached_code(quant_type).clone()
 
     # 1. One scale per block: the largest magnitude. Dividing by it maps the block into [-1, 1].

@@ -241,12 +241,12 @@ def execute(path: Path, out_dir: Path, cell_timeout: int, watch_device: bool) ->
     gib = lambda key: round(max(p[key] for p in peaks) / 2**30, 2) if peaks else None  # noqa: E731
     cell_of = {c.execution_count: i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.execution_count}
     cell_file = Path(os.environ.get("QADAPTER_CELL_PEAK_FILE") or os.devnull)
-    raised = {}  # cell index -> the GPU peak (GiB) it raised the notebook's high-water mark to
+    raised, high = {}, 0  # cell index -> the GPU peak (GiB) it raised the notebook's high-water mark to
     for line in cell_file.read_text().splitlines() if cell_file.exists() else []:
         record = json.loads(line)
-        if record["cell"] in cell_of and record["allocated"] > max(raised.values(), default=0):
-            raised[cell_of[record["cell"]]] = record["allocated"]
-    raised = {i: round(b / 2**30, 2) for i, b in raised.items()}
+        if record["cell"] in cell_of and record["allocated"] > high:
+            high = record["allocated"]
+            raised[cell_of[record["cell"]]] = round(high / 2**30, 2)
     return {"notebook": path.name, "status": "passed" if error is None else "failed", "error": error,
             "seconds": round(seconds, 1), "peak_allocated_gib": gib("allocated"), "peak_reserved_gib": gib("reserved"),
             "peak_device_gib": round(watch.peak / 2**30, 2) if watch.active else None,

@@ -436,7 +436,7 @@ class _Item:
     nbytes: int     # allocator bytes (rounded per tensor)
     owned: bool     # created by the adapter (kept even where the hidden state does not require grad yet)
     escapes: bool = False  # kept outside autograd's saved tensors (bitsandbytes int8 ctx): checkpointing can't drop it
-    needs_input_grad: bool = False  # kept only where the tensor entering this position requires grad (autocast's
+    needs_input_grad: bool = False  # kept only once the tensor entering this position requires grad (autocast's
     #                                 copy of an adapter's first weight: autograd keeps it for the input's gradient)
 
 
@@ -494,7 +494,7 @@ def _layer_items(step: _Step, layer: int) -> list[_Item]:
                                        blk(e * T * fin), True))
                     items.append(_Item(pos, f"LoRA {name}: x @ A", blk(e * T * part.r), True))
                     items.append(_Item(pos, f"LoRA {name}: B, autocast's copy", blk(e * fout * part.r), True))
-                    items.append(_Item(pos, f"LoRA {name}: A, autocast's copy", blk(e * part.r * fin), True,
+                    items.append(_Item(pos, f"LoRA {name}: A, autocast's copy", blk(e * part.r * fin), False,
                                        needs_input_grad=True))
                     if part.use_gating:  # output * gate keeps the LoRA output
                         items.append(_Item(pos, f"LoRA {name}: gated output", blk(e * T * fout), True))
@@ -522,8 +522,8 @@ def _layer_items(step: _Step, layer: int) -> list[_Item]:
                                        blk(e * T * h) + (n_h - 1) * blk(ea * T * h), True))
                     items.append(_Item(pos, f"bottleneck {loc}: activation", act * blk(e * T * dn), True))
                     items.append(_Item(pos, f"bottleneck {loc}: up weight, autocast's copy", blk(e * h * dn), True))
-                    items.append(_Item(pos, f"bottleneck {loc}: down weight, autocast's copy", blk(e * dn * h), True,
-                                       needs_input_grad=True))
+                    items.append(_Item(pos, f"bottleneck {loc}: down weight, autocast's copy", blk(e * dn * h),
+                                       False, needs_input_grad=True))
                     width = e
                 else:
                     items.append(_Item(pos, f"bottleneck {loc}: input (+ layer norms)", n_h * blk(width * T * h),
@@ -543,9 +543,9 @@ def _layers(step: _Step, input_requires_grad: bool) -> list[list[_Item]]:
     for layer in range(step.shape.L):
         items = _layer_items(step, layer)
         if not flowing:
-            owned = [it for it in items if it.owned and not it.needs_input_grad]
+            owned = [it for it in items if it.owned]
             first = min((it.pos for it in owned), default=None)
-            items = [it for it in items if (it.owned and not it.needs_input_grad) or (first is not None and (
+            items = [it for it in items if it.owned or (first is not None and (
                 it.pos > first or (it.pos == first and not it.needs_input_grad)))]
             flowing = first is not None
         out.append(items)
@@ -634,8 +634,7 @@ def _check_autocast_modeled(parts, bits) -> None:
         bottleneck = isinstance(part, BnConfig) and not part.phm_layer and not part.inv_adapter
         if not (lora or bottleneck or isinstance(part, PrefixTuningConfig)):
             raise ValueError(f"autocast=True is modeled for LoRA-type methods, bottleneck adapters and prefix "
-                             f"tuning, not for "
-                             f"{type(part).__name__}: estimate with autocast=False, or measure")
+                             f"tuning, not for {type(part).__name__}: estimate with autocast=False, or measure")
 
 
 def _estimate(step: _Step, config, adapter_obj, *, quant_type: str, double_quant: bool, compute_dtype,
@@ -672,11 +671,13 @@ def _estimate(step: _Step, config, adapter_obj, *, quant_type: str, double_quant
     for p in (p for p in parts if isinstance(p, PrefixTuningConfig)):
         n_layers = sum(_in_layer(p, layer) for layer in range(shape.L))
         pool_out += blk(e * b * p.prefix_length * n_layers * 2 * shape.nkv * shape.hd)
-        if not p.flat and step.autocast and step.cast:  # the MLP's linears run in the compute dtype: their inputs
-            kv_all = n_layers * 2 * shape.nkv * shape.hd  # and autocast's copies of both weights are kept
+        if p.flat:
+            continue
+        if step.autocast and step.cast:  # the MLP's linears run in the compute dtype: their inputs and autocast's
+            kv_all = n_layers * 2 * shape.nkv * shape.hd  # copies of both weights are kept
             pool_saved += (blk(e * b * p.prefix_length * h) + blk(e * b * p.prefix_length * p.bottleneck_size)
                            + blk(e * h * p.bottleneck_size) + blk(e * p.bottleneck_size * kv_all))
-        elif not p.flat:
+        else:
             pool_saved += blk(ea * b * p.prefix_length * h) + blk(ea * b * p.prefix_length * p.bottleneck_size)
     # with checkpointing the recomputation needs the prefixes, so the context (and the output) lives into backward
     pool = pool_saved + (pool_out if gradient_checkpointing else 0)
