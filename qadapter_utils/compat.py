@@ -28,16 +28,12 @@ import torch
 
 try:  # inside the qadapter_utils package
     from .methods import DESCRIPTIONS, AdapterMethodError, add_adapter, load_adapter, save_adapter
-except ImportError:  # copied next to methods.py (the copy-alone rule: qadapter_utils/__init__.py)
-    from methods import DESCRIPTIONS, AdapterMethodError, add_adapter, load_adapter, save_adapter
-try:  # inside the qadapter_utils package
     from .models import load_model
-except ImportError:  # copied next to models.py (the copy-alone rule: qadapter_utils/__init__.py)
-    from models import load_model
-try:  # inside the qadapter_utils package
     from .tiny.corpus import corpus
-except ImportError:  # copied next to corpus.py (the copy-alone rule: qadapter_utils/__init__.py)
+except ImportError:  # copied next to its siblings (the copy-alone rule: qadapter_utils/__init__.py)
     from corpus import corpus
+    from methods import DESCRIPTIONS, AdapterMethodError, add_adapter, load_adapter, save_adapter
+    from models import load_model
 
 # The presets of qadapter_utils.methods, less close variants (prefix_flat, compacter++, noreft, direft) to keep
 # the whole matrix around a minute on a small CPU.

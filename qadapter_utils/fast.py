@@ -47,11 +47,9 @@ import torch.nn.functional as F
 
 try:  # inside the qadapter_utils package
     from .guards import UsageError, check_number
-except ImportError:  # copied next to guards.py (the copy-alone rule: qadapter_utils/__init__.py)
-    from guards import UsageError, check_number
-try:  # inside the qadapter_utils package
     from .methods import decoder_layers
-except ImportError:  # copied next to methods.py (the copy-alone rule: qadapter_utils/__init__.py)
+except ImportError:  # copied next to its siblings (the copy-alone rule: qadapter_utils/__init__.py)
+    from guards import UsageError, check_number
     from methods import decoder_layers
 
 #: the name packed_attention is registered under (varlen kernel on a CUDA GPU when there is one)

@@ -33,15 +33,11 @@ import torch
 
 try:  # inside the qadapter_utils package
     from .guards import folder_written_atomically
-except ImportError:  # copied next to guards.py (the copy-alone rule: qadapter_utils/__init__.py)
-    from guards import folder_written_atomically
-try:  # inside the qadapter_utils package
     from .models import bnb_config
-except ImportError:  # copied next to models.py (the copy-alone rule: qadapter_utils/__init__.py)
-    from models import bnb_config
-try:  # inside the qadapter_utils package
     from .weights import dequantized_weight
-except ImportError:  # copied next to weights.py (the copy-alone rule: qadapter_utils/__init__.py)
+except ImportError:  # copied next to its siblings (the copy-alone rule: qadapter_utils/__init__.py)
+    from guards import folder_written_atomically
+    from models import bnb_config
     from weights import dequantized_weight
 
 

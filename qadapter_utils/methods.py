@@ -54,11 +54,9 @@ from adapters.configuration.adapter_config import AdapterConfig, BnConfig
 
 try:  # inside the qadapter_utils package
     from .guards import IntegrityError, UsageError, check_number, folder_written_atomically
-except ImportError:  # copied next to guards.py (the copy-alone rule: qadapter_utils/__init__.py)
-    from guards import IntegrityError, UsageError, check_number, folder_written_atomically
-try:  # inside the qadapter_utils package
     from .weights import keep_4bit_layers_trainable, logical_numel
-except ImportError:  # copied next to weights.py (the copy-alone rule: qadapter_utils/__init__.py)
+except ImportError:  # copied next to its siblings (the copy-alone rule: qadapter_utils/__init__.py)
+    from guards import IntegrityError, UsageError, check_number, folder_written_atomically
     from weights import keep_4bit_layers_trainable, logical_numel
 
 # Preset name -> (factory of a fresh adapters config, one line: what it is and where it attaches on Llama/Mistral).

@@ -21,15 +21,11 @@ import torch
 
 try:  # inside the qadapter_utils package
     from .env import default_compute_dtype
-except ImportError:  # copied next to env.py (the copy-alone rule: qadapter_utils/__init__.py)
-    from env import default_compute_dtype
-try:  # inside the qadapter_utils package
     from .quant import DTYPES, weight_memory
-except ImportError:  # copied next to quant.py (the copy-alone rule: qadapter_utils/__init__.py)
-    from quant import DTYPES, weight_memory
-try:  # inside the qadapter_utils package
     from .weights import keep_4bit_layers_trainable
-except ImportError:  # copied next to weights.py (the copy-alone rule: qadapter_utils/__init__.py)
+except ImportError:  # copied next to its siblings (the copy-alone rule: qadapter_utils/__init__.py)
+    from env import default_compute_dtype
+    from quant import DTYPES, weight_memory
     from weights import keep_4bit_layers_trainable
 
 TINY_DIR = Path(__file__).parent / "tiny" / "model"

@@ -19,12 +19,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 try:  # inside the qadapter_utils package
-    from .corpus import corpus
-except ImportError:  # copied next to corpus.py (the copy-alone rule: qadapter_utils/__init__.py)
-    from corpus import corpus
-try:  # inside the qadapter_utils package
     from ..models import SHAPES
-except ImportError:  # copied next to models.py (the copy-alone rule: qadapter_utils/__init__.py)
+    from .corpus import corpus
+except ImportError:  # copied next to its siblings (the copy-alone rule: qadapter_utils/__init__.py)
+    from corpus import corpus
     from models import SHAPES
 
 MODEL_DIR = Path(__file__).parent / "model"
