@@ -8,6 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+GPU_COPIES = sorted((ROOT / "notebooks" / "gpu-t4").glob("[0-9][0-9]_*.ipynb"))  # executed on a GPU, committed
 sys.path.insert(0, str(ROOT / "scripts"))
 import colab_links  # noqa: E402
 
@@ -50,7 +51,7 @@ def test_notebook_conventions(path):
     assert any(c.startswith("# NBVAL_CHECK_OUTPUT") for c in code), "structural results must be checked"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", NOTEBOOKS + GPU_COPIES, ids=lambda p: str(p.relative_to(ROOT / "notebooks")))
 def test_committed_outputs_are_clean(path):
     nb = _load(path)
     executed = [c for c in nb["cells"] if c["cell_type"] == "code" and not "".join(c["source"]).startswith(
