@@ -16,13 +16,14 @@ and bf16 autocast (what `Trainer(bf16=True)` does), for one epoch over the same 
   `DataCollatorWithFlattening` (8 samples per row, position ids restarting per sample) and SDPA (transformers
   builds the block-diagonal mask); also at ours' tokens per step (equal step size).
 - ours: `qadapter_utils.models.load_model` + `methods.add_adapter(model, "lora")`, trained by
-  `qadapter_utils.train.make_trainer` itself with its fast switches: packed_attention (varlen kernel, checked
-  below against per-sample attention), chunked_loss, tokens_per_step and checkpoint_layers chosen for the budget by
+  `qadapter_utils.train.make_trainer` itself: its CUDA defaults (packed_attention: varlen kernel, checked below
+  against per-sample attention; chunked_loss; training without the adapter's fp32 edge casts, a round trip under
+  autocast), tokens_per_step and checkpoint_layers chosen for the budget by
   `qadapter_utils.memory.plan_tokens_per_step` (three probe steps calibrate its linear memory and time model,
   `verify_plan` checks the choice on the fullest batch), --tiled-mlp / --offload when asked; timed by make_trainer's
   StepStats callback over one epoch after 2 warm-up steps. Also at (b)'s mean tokens per step (equal step size) and
-  without a memory limit. The benchmark drops the adapter's fp32 edge casts on CUDA first (a no-op under autocast;
-  not yet a make_trainer switch). (a) and (b) run the benchmark's own loop (the same optimizer, clipping, autocast).
+  without a memory limit. (a) and (b) run the benchmark's own loop (the same optimizer, clipping, autocast), as do
+  the planner's probe steps of ours (without the edge casts, as make_trainer trains).
 
 Reported per recipe: real tokens/s (padding excluded, whole epoch after 2 warm-up steps), tokens per step, peak
 `max_memory_allocated`, MFU =
@@ -207,12 +208,11 @@ def peft_recipe(model_name: str, dtype, gradient_checkpointing: bool = True, mod
     return model, tok
 
 
-def drop_redundant_casts(model) -> int:
-    """Remove the fp32 casts qadapter_utils.methods puts at the adapter's edges. Under autocast they are a
-    no-op round trip (autocast casts the fp32 copy straight back to bf16 for the matmul), so removing them changes
-    no result; it saves a (tokens x hidden) fp32 copy per adapted layer and two passes over it. Returns the
-    number of hook pairs removed."""
-    return methods.remove_cast_hooks(model)
+def no_edge_casts(model):
+    """The benchmark's own loop as make_trainer trains in mixed precision: without the fp32 casts at the adapters'
+    edges (qadapter_utils.methods.cast_hooks_suspended; under autocast a round trip that changes nothing). On the
+    CPU smoke test (fp32, no autocast) nothing to suspend."""
+    return methods.cast_hooks_suspended(model) if on_cuda() else contextlib.nullcontext()
 
 
 def ours_recipe(model_name: str, dtype, method: str = "lora", model=None, attention=PACKED_ATTENTION):
@@ -224,9 +224,8 @@ def ours_recipe(model_name: str, dtype, method: str = "lora", model=None, attent
         attention = "eager"  # adapters 1.3.0 masks its prefix out under SDPA's boolean masks
     set_attention(model, attention)
     name = methods.add_adapter(model, method, gradient_checkpointing=True)
-    removed = drop_redundant_casts(model) if on_cuda() else 0
     model.train()
-    return model, tok, {"adapter": name, "cast_hooks_removed": removed, "attention": attention}
+    return model, tok, {"adapter": name, "attention": attention}
 
 
 def num_layers(model) -> int:
@@ -446,8 +445,10 @@ def train_with_make_trainer(model, tok, rows, tokens_per_step: int, checkpointed
     from qadapter_utils.train import StepStats, make_trainer, step_stats
 
     data = [{"input_ids": r, "labels": r} for r in rows]
-    common = dict(packing=True, max_length=None, chunked_loss=True, chunk_size=chunk, packed_attention=True,
-                  tiled_mlp=tiled_mlp, offload_checkpoints=offload, checkpoint_layers=checkpointed,
+    # on CUDA make_trainer's own defaults switch on the chunked loss and packed attention (what is measured is
+    # what a learner gets without asking); the CPU smoke test asks for them to run the same code paths
+    switched = {} if on_cuda() else dict(chunked_loss=True, packed_attention=True)
+    common = dict(packing=True, max_length=None, chunk_size=chunk, **switched, tiled_mlp=tiled_mlp, offload_checkpoints=offload, checkpoint_layers=checkpointed,
                   tokens_per_step=tokens_per_step, learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0,
                   weight_decay=0.0, max_grad_norm=1.0, save_strategy="no", logging_steps=10**6, disable_tqdm=True)
     with tempfile.TemporaryDirectory(prefix="rvp-") as folder:
@@ -608,6 +609,7 @@ def compare(rows: list[dict]) -> list[dict]:
     by = {r.get("key"): r for r in rows if r.get("tokens_per_s")}
     pairs = [("ours vs (a), each at its own step size", "ours", "a"),
              ("ours vs (b), each at its own step size", "ours", "b"),
+             ("ours vs (b), at (b)'s peak (ours' budget = (b)'s measured peak)", "ours at (b)'s peak", "b"),
              ("equal tokens per step: ours vs (b) at (b)'s mean step", "ours at (b)'s tokens/step", "b"),
              ("equal tokens per step: ours vs (b) at ours' step", "ours", "b at ours' tokens/step")]
     out = []
@@ -779,8 +781,9 @@ def main(argv=None):
     # (b) the best stock recipe: the same PEFT model, padding-free batches of transformers' own collator, SDPA
     groups = grouped_batches(lengths, batch_size, grouped=False)
     b_tokens = round(total_tokens / len(groups))
-    stock("(b) PEFT + DataCollatorWithFlattening + SDPA", flattened_batches(rows, groups, device),
-          f"{batch_size} seqs (mean {b_tokens} tokens)", 0.0, "b")
+    r_b = stock("(b) PEFT + DataCollatorWithFlattening + SDPA", flattened_batches(rows, groups, device),
+                f"{batch_size} seqs (mean {b_tokens} tokens)", 0.0, "b")
+    budget_b = r_b.get("peak_bytes") if on_cuda() else 10 * GIB
     del model, batches
     release()
 
@@ -788,6 +791,8 @@ def main(argv=None):
     model, tok, info = ours_recipe(args.model, dtype, "lora", attention=attention)
     info.update(tiled_mlp=args.tiled_mlp or None, offload_checkpoints=args.offload)
     res["settings"]["ours"] = info
+    own_loop = contextlib.ExitStack()  # planner probes, checks, profile and ablation run as make_trainer trains
+    own_loop.enter_context(no_edge_casts(model))
     if args.tiled_mlp:
         tile_mlp(model, args.tiled_mlp)
     loss_fn = chunked_loss(args.chunk)
@@ -828,6 +833,7 @@ def main(argv=None):
         return plan
 
     parts = [("ours: make_trainer, budget = (a)'s peak", budget, "ours", None),
+             ("ours: make_trainer, budget = (b)'s peak", budget_b, "ours at (b)'s peak", None),
              ("ours: make_trainer at (b)'s tokens per step", budget, "ours at (b)'s tokens/step",
               max(b_tokens, max(lengths)))]
     if "free" not in skip:
@@ -901,8 +907,7 @@ def main(argv=None):
                 attention = "eager" if method == "prefix" else "sdpa"
                 set_attention(model, attention)
                 current = methods.add_adapter(model, method, gradient_checkpointing=True)
-                if on_cuda():
-                    drop_redundant_casts(model)
+                own_loop.enter_context(no_edge_casts(model))  # the new adapter's casts
                 opt = paged_adamw_8bit(model)
                 checkpoint_layers(model, num_layers(model))
                 n_train = sum(p.numel() for p in trainable(model))
@@ -930,6 +935,7 @@ def main(argv=None):
             release()
             write(out, tag, res)
     # ------------------------------------------------------------------ (b) at ours' tokens per step (equal T)
+    own_loop.close()
     del model
     opt = None
     release()

@@ -215,15 +215,22 @@ def use_packed_attention(model, kernel: bool = True) -> str:
     """Switch `model` to packed_attention (kernel=False: packed_attention_sdpa); returns the previous
     implementation (set_attention(model, previous) switches back). Refuses adapters' prefix tuning, which
     adapters 1.3.0 computes right only under eager attention. (05_training)"""
-    configs = getattr(model, "adapters_config", None)
-    if configs is not None:
-        for adapter in configs.adapters:
-            config = configs.get(adapter)
-            parts = getattr(config, "configs", None) or [config]  # a ConfigUnion (e.g. "mam") holds several
-            if any(getattr(part, "architecture", None) == "prefix_tuning" for part in parts):
-                raise UsageError(f"adapter {adapter!r} is prefix tuning, which adapters 1.3.0 computes right only "
-                                 f"under eager attention: train it without packed attention")
+    adapter = prefix_tuning_adapter(model)
+    if adapter is not None:
+        raise UsageError(f"adapter {adapter!r} is prefix tuning, which adapters 1.3.0 computes right only "
+                         f"under eager attention: train it without packed attention")
     return set_attention(model, PACKED_ATTENTION if kernel else PACKED_ATTENTION_SDPA)
+
+
+def prefix_tuning_adapter(model) -> str | None:
+    """The name of an adapter of `model` that is (or contains) prefix tuning, else None."""
+    configs = getattr(model, "adapters_config", None)
+    for adapter in (configs.adapters if configs is not None else ()):
+        config = configs.get(adapter)
+        parts = getattr(config, "configs", None) or [config]  # a ConfigUnion (e.g. "mam") holds several
+        if any(getattr(part, "architecture", None) == "prefix_tuning" for part in parts):
+            return adapter
+    return None
 
 
 def check_varlen_kernel(device: str = "cuda", lengths=(37, 300, 129, 511, 64), heads: int = 32, dim: int = 128,

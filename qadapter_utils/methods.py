@@ -338,18 +338,23 @@ def _first_float_dtype(args, kwargs):
     return None
 
 
-def _install_cast_hooks(module: torch.nn.Module, param_dtype: torch.dtype, model_dtype: torch.dtype) -> None:
+def _install_cast_hooks(module: torch.nn.Module, param_dtype: torch.dtype, model_dtype: torch.dtype,
+                        cast_inputs: bool = True) -> None:
     """Cast floating inputs of `module` to `param_dtype` and its floating outputs back to the caller's dtype
-    (or to `model_dtype` when it got no floating input, e.g. a prefix pool). Removes earlier hooks first."""
+    (or to `model_dtype` when it got no floating input, e.g. a prefix pool). Removes earlier hooks first.
+    cast_inputs=False keeps the output cast only (cast_hooks_suspended)."""
     for handle in getattr(module, "_qadapter_cast_hooks", ()):
         handle.remove()
+    module._qadapter_cast_dtypes = (param_dtype, model_dtype)
     if param_dtype == model_dtype:
         module._qadapter_cast_hooks = ()
         return
 
     def pre(mod, args, kwargs):
         mod._qadapter_caller_dtype = _first_float_dtype(args, kwargs) or model_dtype
-        return _cast_tree(args, param_dtype), _cast_tree(kwargs, param_dtype)
+        if cast_inputs:
+            return _cast_tree(args, param_dtype), _cast_tree(kwargs, param_dtype)
+        return None
 
     def post(mod, args, kwargs, output):
         return _cast_tree(output, getattr(mod, "_qadapter_caller_dtype", model_dtype))
@@ -358,19 +363,33 @@ def _install_cast_hooks(module: torch.nn.Module, param_dtype: torch.dtype, model
                                    module.register_forward_hook(post, with_kwargs=True))
 
 
-def remove_cast_hooks(model) -> int:
-    """Remove the casts add_adapter put at the adapters' edges (fp32 adapter weights in a 16-bit model); returns the
-    number of modules that had them. Under autocast they are a no-op round trip, so benchmarks/recipe_vs_peft.py
-    drops them on a GPU. (benchmarks)"""
-    removed = 0
-    for module in model.modules():
-        hooks = getattr(module, "_qadapter_cast_hooks", ())
-        for handle in hooks:
-            handle.remove()
-        if hooks:
-            removed += 1
-            module._qadapter_cast_hooks = ()
-    return removed
+def _has_input_casts(module) -> bool:
+    return bool(getattr(module, "_qadapter_cast_hooks", ())) and getattr(module, "_qadapter_casts_inputs", True)
+
+
+@contextlib.contextmanager
+def cast_hooks_suspended(model):
+    """Without the input casts add_adapter puts at the adapters' edges (fp32 adapter weights in a 16-bit model) for
+    the duration; the output casts (back to the caller's dtype) stay, and everything is as before afterwards, also
+    after an error. Yields the number of adapter modules changed.
+
+    Under autocast (what `Trainer(bf16=True)` / `fp16=True` runs) the input casts are a round trip that changes
+    nothing: autocast turns the fp32 copy of each input straight back into bf16/fp16 for the matmul (loss and
+    every gradient bit-identical with and without them: tests/test_methods.py). They cost an fp32 copy of each
+    adapted layer's input and two passes over it, so make_trainer suspends them while it trains in mixed
+    precision. The output casts keep what an adapter hands back in the model's dtype (an (IA)^3 scaling vector in
+    fp32 would otherwise turn the keys into fp32). Outside autocast the input casts are needed: a bf16 input into
+    fp32 weights raises a dtype error. (05_training)"""
+    changed = [m for m in model.modules() if _has_input_casts(m)]
+    for module in changed:
+        _install_cast_hooks(module, *module._qadapter_cast_dtypes, cast_inputs=False)
+        module._qadapter_casts_inputs = False
+    try:
+        yield len(changed)
+    finally:
+        for module in changed:
+            _install_cast_hooks(module, *module._qadapter_cast_dtypes)
+            module._qadapter_casts_inputs = True
 
 
 def _weight_dtype(adapter_dtype, auto: torch.dtype) -> torch.dtype:

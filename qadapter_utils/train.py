@@ -12,7 +12,8 @@ on a CUDA GPU paged 8-bit AdamW ("paged_adamw_8bit": optimizer state in 8 bits, 
 pressure), bf16 or fp16 mixed precision following `qadapter_utils.env.default_compute_dtype()` (fp16 on GPUs
 without bf16, e.g. Colab's T4), and gradient checkpointing (non-reentrant); on the CPU plain AdamW in fp32 without
 checkpointing (it saves memory at the price of a second forward pass, and the CPU examples are small).
-Packing (padding-free batches) is on by default; see qadapter_utils.data.make_collator.
+Packing (padding-free batches) is on by default; see qadapter_utils.data.make_collator. On a CUDA GPU the fast
+recipe's chunked loss and packed attention are on as well (fast_defaults; qadapter_utils.fast).
 
 What this module writes by hand, because no library does it: the exact-match task accuracy (teacher-forced, one
 forward pass per batch; equivalent to greedy generation followed by end-of-sequence), the step timer and memory
@@ -48,7 +49,7 @@ try:  # inside the qadapter_utils package
     from .env import default_compute_dtype
     from .guards import IntegrityError, SavedWorkError, UsageError, check_number, describe, saved_work
     from .loss import chunked_compute_loss
-    from .methods import decoder_layers, save_adapter, without_head
+    from .methods import cast_hooks_suspended, decoder_layers, save_adapter, without_head
     from .weights import keep_4bit_layers_trainable
 except ImportError:  # copied next to its siblings (the copy-alone rule: qadapter_utils/__init__.py)
     import fast
@@ -56,7 +57,7 @@ except ImportError:  # copied next to its siblings (the copy-alone rule: qadapte
     from env import default_compute_dtype
     from guards import IntegrityError, SavedWorkError, UsageError, check_number, describe, saved_work
     from loss import chunked_compute_loss
-    from methods import decoder_layers, save_adapter, without_head
+    from methods import cast_hooks_suspended, decoder_layers, save_adapter, without_head
     from weights import keep_4bit_layers_trainable
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,10 +194,9 @@ def _check_budget(args: dict, max_length) -> None:
 
 
 def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, max_length: int | None = 256,
-                 callbacks: Sequence[TrainerCallback] = (), resume: bool = False, chunked_loss: bool = False,
-                 chunk_size: int = 2048,
-                 # TODO(#13): switch on by default on CUDA once benchmarks/ measures make_trainer with it
-                 packed_attention: bool = False, tiled_mlp: int | None = None, offload_checkpoints: bool = False,
+                 callbacks: Sequence[TrainerCallback] = (), resume: bool = False, chunked_loss: bool | None = None,
+                 chunk_size: int = 2048, packed_attention: bool | None = None, tiled_mlp: int | None = None,
+                 offload_checkpoints: bool = False,
                  checkpoint_layers: int | None = None, tokens_per_step: int | None = None, **overrides):
     """An `adapters.AdapterTrainer` for `model` (with an adapter set to train, e.g. by
     qadapter_utils.methods.add_adapter) on `train` / `eval` (datasets or lists of prompt/answer rows, or rows
@@ -213,16 +213,20 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     max_length that keeps every row (tokenize with data.tokenize_dataset yourself to truncate on purpose).
     max_steps, learning_rate and batch sizes are checked before anything runs. With
     eval given, eval_strategy defaults to "steps". packing=True batches without padding (data.make_collator). A
-    StepStats callback records time per step and peak memory; read it with step_stats(trainer). chunked_loss=True
-    computes lm_head and the loss `chunk_size` tokens at a time (qadapter_utils.loss), so the full fp32 logits
-    (tokens x vocab x 4 bytes, twice) never exist: what limits the sequence length of a 7B model on a 16 GB GPU.
+    StepStats callback records time per step and peak memory; read it with step_stats(trainer).
 
-    The other pieces of the fast recipe (qadapter_utils.fast), all off by default for now; they will be switched on
-    by default on CUDA once benchmarks/ measures make_trainer with them (TODO #13):
-    packed_attention=True switches the model to fast.PACKED_ATTENTION (each sample of a packed row attends only to
-    itself, from the position ids; varlen flash kernel on a CUDA GPU; needs packing=True, refuses prefix tuning);
-    the model keeps it after training (fast.set_attention(model, "sdpa") switches back; evaluation and generation
-    are exact under it). tiled_mlp=N runs every MLP over tiles of N tokens, each checkpointed (fast.tile_mlp;
+    The fast recipe (qadapter_utils.fast, qadapter_utils.loss; measured in benchmarks/recipe_vs_peft.py and
+    benchmarks/t4_check.py). None means the default of the model's device (fast_defaults): on a CUDA GPU
+    chunked_loss and packed_attention are on, on the CPU off (the CPU examples are small and the notebooks show
+    both ways there). chunked_loss=True computes lm_head and the loss `chunk_size` tokens at a time
+    (qadapter_utils.loss), so the full fp32 logits (tokens x vocab x 4 bytes, twice) never exist: what limits the
+    sequence length of a 7B model on a 16 GB GPU. packed_attention=True switches the model to fast.PACKED_ATTENTION
+    (each sample of a packed row attends only to itself, from the position ids; varlen flash kernel on a CUDA GPU;
+    needs packing=True, refuses prefix tuning; its default is on only where it applies); the model keeps it after
+    training (fast.set_attention(model, "sdpa") switches back; evaluation and generation are exact under it). In
+    mixed precision (bf16/fp16, the CUDA default) training runs without the casts at the adapters' edges
+    (methods.cast_hooks_suspended: a no-op round trip under autocast), which are back when train() returns.
+    Off by default, because they trade speed for memory: tiled_mlp=N runs every MLP over tiles of N tokens, each checkpointed (fast.tile_mlp;
     fast.untile_mlp removes it). offload_checkpoints=True runs the forward under fast.offload_checkpoints (what it
     saves for backward waits in CPU memory). checkpoint_layers=n checkpoints only the first n decoder layers
     (fast.checkpoint_layers, applied when training starts, after the Trainer enables checkpointing on all of them);
@@ -254,6 +258,9 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
         args.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     args.update(overrides)
     _check_budget(args, max_length)
+    defaults = fast_defaults(model, packing)
+    chunked_loss = defaults["chunked_loss"] if chunked_loss is None else chunked_loss
+    packed_attention = defaults["packed_attention"] if packed_attention is None else packed_attention
     switches = dict(packed_attention=packed_attention, tiled_mlp=tiled_mlp, checkpoint_layers=checkpoint_layers)
     _fast_pieces(model, packing, **switches, apply=False)  # misuse refused before anything is written
     if tokens_per_step is not None:
@@ -275,6 +282,7 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     eval = _as_tokenized(eval, tokenizer, max_length) if eval is not None else None
     if output_dir is None:
         output_dir = Path(tempfile.mkdtemp(prefix="qadapter-run-"))
+    _precision_of_this_trainer(args)
     arguments = TrainingArguments(output_dir=str(output_dir), **args)
     identity = run_identity(model, train, arguments, packing)
     if tokens_per_step is not None:
@@ -298,10 +306,52 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     trainer.qadapter_identity = identity
     trainer.qadapter_tokens_per_step = tokens_per_step
     if chunked_loss:
-        trainer.compute_loss = functools.partial(chunked_compute_loss, chunk_size=chunk_size)
+        trainer.compute_loss = _under_autocast(trainer, functools.partial(chunked_compute_loss,
+                                                                          chunk_size=chunk_size))
     if offload_checkpoints:
         trainer.compute_loss = fast.offloaded(trainer.compute_loss)
     return trainer
+
+
+def _under_autocast(trainer, compute_loss):
+    """`compute_loss` under the Trainer's mixed precision (trainer.accelerator.autocast(); nothing in full
+    precision). accelerate puts autocast around the model's own forward only (it wraps model.forward); the chunked
+    loss calls the decoder and lm_head itself, past that wrapper."""
+    @functools.wraps(compute_loss)
+    def wrapper(*args, **kwargs):
+        with trainer.accelerator.autocast():
+            return compute_loss(*args, **kwargs)
+
+    return wrapper
+
+
+def _precision_of_this_trainer(args: dict) -> None:
+    """Make the next Trainer run the precision `args` ask for. TrainingArguments(bf16=True) writes
+    ACCELERATE_MIXED_PRECISION=bf16 into the environment and a later TrainingArguments(bf16=False) reads it back as
+    its own default, and accelerate keeps one AcceleratorState per process: a full-precision Trainer built after a
+    bf16 one trained in bf16 (transformers 4.57.6, accelerate 1.15.0). Both are set to this trainer's precision."""
+    from accelerate.state import AcceleratorState
+
+    wanted = "bf16" if args.get("bf16") else "fp16" if args.get("fp16") else "no"
+    os.environ["ACCELERATE_MIXED_PRECISION"] = wanted
+    held = AcceleratorState._shared_state.get("_mixed_precision")
+    if held is not None and str(getattr(held, "value", held)) != wanted:
+        AcceleratorState._reset_state()
+
+
+def fast_defaults(model, packing: bool = True, device: str | None = None) -> dict:
+    """make_trainer's defaults for chunked_loss and packed_attention on `device` (default: where the model is).
+    On a CUDA GPU both on: the chunked loss never builds the fp32 logits, packed attention never builds a
+    (tokens x tokens) mask and runs the varlen kernel; packed_attention only with packing=True, for a model whose
+    attention dispatches through transformers' AttentionInterface and that holds no prefix tuning (adapters 1.3.0
+    computes it right only under eager attention). On the CPU both off. Measured on a GPU through make_trainer:
+    benchmarks/results/recipe_vs_peft_<gpu>.md. (05_training)"""
+    if device is None:
+        device = model.get_input_embeddings().weight.device.type
+    on_gpu = device == "cuda"
+    applies = (packing and getattr(model, "_supports_attention_backend", False)
+               and fast.prefix_tuning_adapter(model) is None)
+    return {"chunked_loss": on_gpu, "packed_attention": on_gpu and bool(applies)}
 
 
 def _fast_pieces(model, packing: bool, *, packed_attention: bool, tiled_mlp, checkpoint_layers,
@@ -353,7 +403,10 @@ def _trainer_class():
                 if checkpoint is not None:
                     _check_resumable(checkpoint, getattr(self, "qadapter_identity", None))
                     resume_from_checkpoint = str(checkpoint)
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            if not (self.args.bf16 or self.args.fp16):
+                return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            with cast_hooks_suspended(self.model):  # under autocast a round trip that changes nothing
+                return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
         def get_train_dataloader(self):
             tokens = getattr(self, "qadapter_tokens_per_step", None)

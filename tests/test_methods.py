@@ -155,6 +155,51 @@ def test_bf16_base_keeps_fp32_adapter_and_trains(tok):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("method", ["lora_all", "seq_bn", "prefix", "ia3"])
+def test_input_casts_are_a_round_trip_under_autocast_and_come_back(tok, method):
+    """Under autocast (what Trainer(bf16=True) runs) the fp32 input casts at the adapters' edges change nothing:
+    loss and every adapter gradient are bit-identical without them (make_trainer suspends them while it trains in
+    mixed precision); what each adapter hands back stays in the model's dtype; afterwards they are back, so a
+    forward without autocast still works."""
+    from qadapter_utils.methods import cast_hooks_suspended
+
+    model = fresh(None, compute_dtype="bf16")
+    add_adapter(model, method)
+    torch.manual_seed(1)
+    for p in model.parameters():
+        if p.requires_grad:  # away from adapters' zero init, so every gradient path is exercised
+            p.data.normal_(0, 0.05)
+    model.train()
+    batch = ids(tok)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def hooked():  # modules whose inputs are cast
+        return sum(bool(getattr(m, "_qadapter_cast_hooks", ())) and getattr(m, "_qadapter_casts_inputs", True)
+                   for m in model.modules())
+
+    outputs = []
+    model.model.layers[0].self_attn.k_proj.register_forward_hook(lambda m, a, out: outputs.append(out.dtype))
+    before = hooked()
+    loss, grads = loss_and_grads()
+    with cast_hooks_suspended(model) as n:
+        assert n == before > 0 and hooked() == 0
+        loss_without, grads_without = loss_and_grads()
+    assert hooked() == before and set(outputs) == {torch.bfloat16}  # (IA)^3 scales the keys: still bf16
+    assert torch.equal(loss, loss_without) and grads.keys() == grads_without.keys() and len(grads) > 0
+    assert all(torch.equal(grads[k], grads_without[k]) for k in grads)
+    with pytest.raises(KeyboardInterrupt), cast_hooks_suspended(model):  # back after an error too
+        raise KeyboardInterrupt
+    assert hooked() == before
+    model.zero_grad(set_to_none=True)
+    model(input_ids=batch, labels=batch).loss.backward()  # with them back, no autocast needed
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tok):
     batch = ids(tok)
     grads = []

@@ -1,6 +1,8 @@
 """qadapter_utils.train: defaults per device, clear errors, resuming after an interruption gives the same adapter
 as an uninterrupted run, no saved work is overwritten, and the teacher-forced accuracy is greedy decoding."""
+import contextlib
 import json
+import math
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from qadapter_utils.train import (
     checkpoints,
     default_arguments,
     evaluate,
+    fast_defaults,
     generate_answers,
     history,
     make_trainer,
@@ -47,6 +50,66 @@ def test_default_arguments_per_device():
     t4 = default_arguments(device="cuda", compute_dtype=torch.float16)  # Colab's T4 has no bf16
     assert t4["fp16"] and not t4["bf16"]
     assert all("evaluation_strategy" not in args for args in (cpu, bf16, t4))  # renamed eval_strategy
+
+
+def test_fast_recipe_defaults_per_device():
+    """On CUDA the chunked loss and packed attention are on (packed attention only where it applies: packing on,
+    no prefix tuning); on the CPU both off, so make_trainer on the CPU trains as before."""
+    model, tok = load_model("tiny")
+    add_adapter(model, "lora")
+    assert fast_defaults(model) == {"chunked_loss": False, "packed_attention": False}  # the tiny model is on the CPU
+    assert fast_defaults(model, device="cuda") == {"chunked_loss": True, "packed_attention": True}
+    assert fast_defaults(model, packing=False, device="cuda") == {"chunked_loss": True, "packed_attention": False}
+    add_adapter(model, "prefix")
+    assert fast_defaults(model, device="cuda") == {"chunked_loss": True, "packed_attention": False}
+    trainer = make_trainer(model, tok, TRAIN[:4], save_strategy="no")
+    assert trainer.compute_loss.__name__ == "compute_loss"  # the Trainer's own loss: not chunked on the CPU
+    assert model.config._attn_implementation == "eager"  # prefix tuning kept its attention
+
+
+def test_mixed_precision_training_runs_without_the_cast_hooks_and_puts_them_back(tmp_path):
+    """Trainer(bf16=True) trains under autocast: make_trainer suspends the adapters' edge casts for train() (a
+    round trip there: tests/test_methods.py) and puts them back afterwards, also when training fails."""
+    model, tok = load_model("tiny", compute_dtype=torch.bfloat16)
+    add_adapter(model, "ia3")  # scales the keys: with packed attention their dtype must stay the query's
+
+    def hooked():  # modules whose inputs are cast
+        return sum(bool(getattr(m, "_qadapter_cast_hooks", ())) and getattr(m, "_qadapter_casts_inputs", True)
+                   for m in model.modules())
+
+    before, seen = hooked(), []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(hooked())
+
+    for fast in (False, True):  # the Trainer's own loss, and the fast recipe (the chunked loss calls the decoder
+        # and lm_head itself, past accelerate's autocast around model.forward: it must run under autocast too)
+        seen.clear()
+        trainer = make_trainer(model, tok, TRAIN[:8], output_dir=tmp_path / f"run-{fast}", max_steps=2, bf16=True,
+                               per_device_train_batch_size=4, save_strategy="no", disable_tqdm=True,
+                               callbacks=[Count()], chunked_loss=fast, packed_attention=fast, logging_steps=1)
+        # as on a CUDA GPU: there the Trainer puts no autocast of its own around compute_loss (it does on the CPU,
+        # use_cpu_amp) and leaves it to accelerate's wrapper of model.forward
+        trainer.autocast_smart_context_manager = lambda *args, **kwargs: contextlib.nullcontext()
+        trainer.train()
+        assert before > 0 and seen == [0, 0] and hooked() == before
+        assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+    class Fail(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt
+
+    trainer = make_trainer(model, tok, TRAIN[:8], output_dir=tmp_path / "failed", max_steps=2, bf16=True,
+                           save_strategy="no", disable_tqdm=True, callbacks=[Fail()])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert hooked() == before
+    # a full-precision trainer after a bf16 one trains in full precision (accelerate keeps one state per process)
+    fp32, tok = load_model("tiny")
+    add_adapter(fp32, "lora")
+    trainer = make_trainer(fp32, tok, TRAIN[:8], output_dir=tmp_path / "fp32", max_steps=1, save_strategy="no")
+    assert trainer.accelerator.mixed_precision == "no"
 
 
 def test_untrained_model_cannot_answer_and_errors_are_clear():
