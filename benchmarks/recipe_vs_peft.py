@@ -448,7 +448,8 @@ def train_with_make_trainer(model, tok, rows, tokens_per_step: int, checkpointed
     # on CUDA make_trainer's own defaults switch on the chunked loss and packed attention (what is measured is
     # what a learner gets without asking); the CPU smoke test asks for them to run the same code paths
     switched = {} if on_cuda() else dict(chunked_loss=True, packed_attention=True)
-    common = dict(packing=True, max_length=None, chunk_size=chunk, **switched, tiled_mlp=tiled_mlp, offload_checkpoints=offload, checkpoint_layers=checkpointed,
+    common = dict(packing=True, max_length=None, chunk_size=chunk, **switched, tiled_mlp=tiled_mlp,
+                  offload_checkpoints=offload, checkpoint_layers=checkpointed,
                   tokens_per_step=tokens_per_step, learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0,
                   weight_decay=0.0, max_grad_norm=1.0, save_strategy="no", logging_steps=10**6, disable_tqdm=True)
     with tempfile.TemporaryDirectory(prefix="rvp-") as folder:

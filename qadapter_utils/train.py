@@ -224,10 +224,10 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     (each sample of a packed row attends only to itself, from the position ids; varlen flash kernel on a CUDA GPU;
     needs packing=True, refuses prefix tuning; its default is on only where it applies); the model keeps it after
     training (fast.set_attention(model, "sdpa") switches back; evaluation and generation are exact under it). In
-    mixed precision (bf16/fp16, the CUDA default) training runs without the casts at the adapters' edges
-    (methods.cast_hooks_suspended: a no-op round trip under autocast), which are back when train() returns.
-    Off by default, because they trade speed for memory: tiled_mlp=N runs every MLP over tiles of N tokens, each checkpointed (fast.tile_mlp;
-    fast.untile_mlp removes it). offload_checkpoints=True runs the forward under fast.offload_checkpoints (what it
+    mixed precision (bf16/fp16, the CUDA default) training runs without the input casts at the adapters' edges
+    (methods.cast_hooks_suspended: a round trip under autocast), which are back when train() returns.
+    Off by default, because they trade speed for memory: tiled_mlp=N runs every MLP over tiles of N tokens, each
+    checkpointed (fast.tile_mlp; fast.untile_mlp removes it). offload_checkpoints=True runs the forward under fast.offload_checkpoints (what it
     saves for backward waits in CPU memory). checkpoint_layers=n checkpoints only the first n decoder layers
     (fast.checkpoint_layers, applied when training starts, after the Trainer enables checkpointing on all of them);
     it turns gradient checkpointing on (non-reentrant) unless gradient_checkpointing=False is passed, which with
