@@ -227,8 +227,8 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     mixed precision (bf16/fp16, the CUDA default) training runs without the input casts at the adapters' edges
     (methods.cast_hooks_suspended: a round trip under autocast), which are back when train() returns.
     Off by default, because they trade speed for memory: tiled_mlp=N runs every MLP over tiles of N tokens, each
-    checkpointed (fast.tile_mlp; fast.untile_mlp removes it). offload_checkpoints=True runs the forward under fast.offload_checkpoints (what it
-    saves for backward waits in CPU memory). checkpoint_layers=n checkpoints only the first n decoder layers
+    checkpointed (fast.tile_mlp; fast.untile_mlp removes it). offload_checkpoints=True runs the forward under
+    fast.offload_checkpoints (what it saves for backward waits in CPU memory). checkpoint_layers=n checkpoints only the first n decoder layers
     (fast.checkpoint_layers, applied when training starts, after the Trainer enables checkpointing on all of them);
     it turns gradient checkpointing on (non-reentrant) unless gradient_checkpointing=False is passed, which with
     n > 0 is refused. tokens_per_step=T (needs packing=True) forms each training batch from whole samples up to T
