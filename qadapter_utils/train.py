@@ -228,13 +228,13 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     (methods.cast_hooks_suspended: a round trip under autocast), which are back when train() returns.
     Off by default, because they trade speed for memory: tiled_mlp=N runs every MLP over tiles of N tokens, each
     checkpointed (fast.tile_mlp; fast.untile_mlp removes it). offload_checkpoints=True runs the forward under
-    fast.offload_checkpoints (what it saves for backward waits in CPU memory). checkpoint_layers=n checkpoints only the first n decoder layers
-    (fast.checkpoint_layers, applied when training starts, after the Trainer enables checkpointing on all of them);
-    it turns gradient checkpointing on (non-reentrant) unless gradient_checkpointing=False is passed, which with
-    n > 0 is refused. tokens_per_step=T (needs packing=True) forms each training batch from whole samples up to T
-    tokens (data.TokenBatchSampler: the rows in a random order filled greedily, per_device_train_batch_size is then
-    unused; an optimizer step sees gradient_accumulation_steps such batches); memory.plan_tokens_per_step chooses
-    T and checkpoint_layers for a memory budget. (05_training)"""
+    fast.offload_checkpoints (what it saves for backward waits in CPU memory). checkpoint_layers=n checkpoints only
+    the first n decoder layers (fast.checkpoint_layers, applied when training starts, after the Trainer enables
+    checkpointing on all of them); it turns gradient checkpointing on (non-reentrant) unless
+    gradient_checkpointing=False is passed, which with n > 0 is refused. tokens_per_step=T (needs packing=True)
+    forms each training batch from whole samples up to T tokens (data.TokenBatchSampler: the rows in a random order
+    filled greedily, per_device_train_batch_size is then unused; an optimizer step sees gradient_accumulation_steps
+    such batches); memory.plan_tokens_per_step chooses T and checkpoint_layers for a memory budget. (05_training)"""
     if not hasattr(model, "adapters_config") or model.active_adapters is None:
         raise ValueError("the model has no active adapter: add one first, e.g. "
                          "qadapter_utils.methods.add_adapter(model, 'lora') (it also sets it to train)")
