@@ -8,10 +8,11 @@ not call bitsandbytes, yet (tests/test_quant.py checks this on every run) it rep
   inputs, blocksizes 32 ... 4096 and sizes that are not a multiple of the blocksize. On a CUDA GPU bitsandbytes
   quantizes with its own kernel, and that one gives different bytes for some values: a 7B-shaped layer loaded on an
   H200 dequantized up to 7e-4 away from this function's result (notebooks/gpu-t4/01_quantization_theory.ipynb).
-  The likely place, from bitsandbytes' source: the 8-bit codes of the double-quantized block scales, which its CPU
-  path rounds through a 65,536-entry table and its CUDA kernel by a binary search; `kernel="cuda"` follows the
-  latter (same size of difference on a CPU simulation; not yet compared with a GPU byte for byte:
-  benchmarks/quant_bytes.py does that);
+  The place, from bitsandbytes' source: the 8-bit codes of the double-quantized block scales, which its CPU path
+  rounds through a 65,536-entry table and its CUDA kernel by a binary search. `kernel="cuda"` follows that search
+  and comes closer without being exact: on an H200, of a 4096 x 4096 layer's 262,144 scale codes 14 still differ
+  from bitsandbytes' CUDA result (453 with kernel="cpu"), the 4-bit codes are equal; bitsandbytes' CUDA FP4 codes
+  also differ from its CPU ones (benchmarks/results/quant_bytes_h200.md);
 - `dequantize_4bit` returns what bitsandbytes' reference kernel returns (the one CUDA and the pure-torch backend
   implement). Caveat, found while writing this module: bitsandbytes 0.50.2's C++ CPU kernel on CPUs with AVX-512
   reads the wrong absmax when a weight row is not a whole number of blocks (e.g. a 352-wide row in blocks of 64),
@@ -185,8 +186,9 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, b
     precomputed table, so a value within ~1.5e-5 of the midpoint between two code values can go either way; equals
     `bitsandbytes.functional.quantize_blockwise` on the CPU (tests/test_quant.py). kernel="cuda": the binary search
     of bitsandbytes' CUDA kernel (`dQuantize` in csrc/kernels.cu), which compares with the exact midpoint; written
-    from that source and checked on the CPU (it returns the nearest code), not yet compared with a GPU byte for
-    byte. The two disagree only next to midpoints. (01_quantization_theory)
+    from that source and checked on the CPU (it returns the nearest code); on an H200 it is closer to bitsandbytes'
+    CUDA result than kernel="cpu" but not byte-equal (benchmarks/results/quant_bytes_h200.md). The two disagree
+    only next to midpoints. (01_quantization_theory)
     """
     _check_kernel(kernel)
     _check_float(x, "x")
