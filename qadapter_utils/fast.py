@@ -9,6 +9,7 @@
 
 make_trainer(packed_attention=True, tiled_mlp=4096, offload_checkpoints=True, checkpoint_layers=20) switches them
 on inside a Trainer (qadapter_utils.train); the chunked loss is qadapter_utils.loss (make_trainer(chunked_loss=True)).
+On a CUDA GPU make_trainer uses packed attention and the chunked loss by default (train.fast_defaults).
 
 What each one patches, so that a transformers or adapters upgrade that moves it is found by tests/test_fast.py:
 
