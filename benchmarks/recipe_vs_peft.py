@@ -58,6 +58,7 @@ sys.path.insert(0, str(HERE))
 import lengths as mix  # noqa: E402
 
 from qadapter_utils import methods, models, weights  # noqa: E402
+from qadapter_utils.data import make_collator  # noqa: E402
 from qadapter_utils.data import token_batches as pack_order  # noqa: E402
 from qadapter_utils.fast import (  # noqa: E402
     PACKED_ATTENTION,
@@ -220,7 +221,7 @@ def ours_recipe(model_name: str, dtype, method: str = "lora", model=None, attent
         model, tok = load_base(model_name, dtype)
     else:
         tok = None
-    if method == "prefix" or method.startswith("prefix"):
+    if method.startswith("prefix"):
         attention = "eager"  # adapters 1.3.0 masks its prefix out under SDPA's boolean masks
     set_attention(model, attention)
     name = methods.add_adapter(model, method, gradient_checkpointing=True)
@@ -274,32 +275,13 @@ def padded_batch(rows, idx, device, pad_id: int = 0) -> dict:
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def _flatten_collator():
-    try:
-        from qadapter_utils.data import make_collator
-
-        return make_collator(None, packing=True)
-    except Exception:  # noqa: BLE001
-        from transformers import DataCollatorWithFlattening
-
-        collate = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
-        return lambda feats: dict(collate(feats), use_cache=False)
-
-
-_COLLATE = None
-
-
 def packed_batch(rows, idx, device, varlen: bool = True) -> dict:
     """One packed row through qadapter_utils.data.make_collator(packing=True) (transformers'
     DataCollatorWithFlattening: position ids restarting per sample, first label of each sample -100), plus the
     sample boundaries for the varlen attention (qadapter_utils.fast.packed_attention reads cu_seq_lens_q instead
     of deriving them from the position ids)."""
-    global _COLLATE
-    if _COLLATE is None:
-        _COLLATE = _flatten_collator()
-    batch = _COLLATE([{"input_ids": rows[i], "labels": rows[i]} for i in idx])
-    out = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    out["use_cache"] = False
+    batch = make_collator(None, packing=True)([{"input_ids": rows[i], "labels": rows[i]} for i in idx])
+    out = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}  # use_cache=False included
     if varlen:
         edges = [0]
         for i in idx:

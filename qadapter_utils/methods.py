@@ -345,7 +345,7 @@ def _install_cast_hooks(module: torch.nn.Module, param_dtype: torch.dtype, model
     cast_inputs=False keeps the output cast only (cast_hooks_suspended)."""
     for handle in getattr(module, "_qadapter_cast_hooks", ()):
         handle.remove()
-    module._qadapter_cast_dtypes = (param_dtype, model_dtype)
+    module._qadapter_cast_dtypes, module._qadapter_casts_inputs = (param_dtype, model_dtype), cast_inputs
     if param_dtype == model_dtype:
         module._qadapter_cast_hooks = ()
         return
@@ -364,7 +364,7 @@ def _install_cast_hooks(module: torch.nn.Module, param_dtype: torch.dtype, model
 
 
 def _has_input_casts(module) -> bool:
-    return bool(getattr(module, "_qadapter_cast_hooks", ())) and getattr(module, "_qadapter_casts_inputs", True)
+    return bool(getattr(module, "_qadapter_cast_hooks", ())) and module._qadapter_casts_inputs
 
 
 @contextlib.contextmanager
@@ -383,13 +383,11 @@ def cast_hooks_suspended(model):
     changed = [m for m in model.modules() if _has_input_casts(m)]
     for module in changed:
         _install_cast_hooks(module, *module._qadapter_cast_dtypes, cast_inputs=False)
-        module._qadapter_casts_inputs = False
     try:
         yield len(changed)
     finally:
         for module in changed:
             _install_cast_hooks(module, *module._qadapter_cast_dtypes)
-            module._qadapter_casts_inputs = True
 
 
 def _weight_dtype(adapter_dtype, auto: torch.dtype) -> torch.dtype:

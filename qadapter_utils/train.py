@@ -30,6 +30,7 @@ recipe's switches).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -403,9 +404,8 @@ def _trainer_class():
                 if checkpoint is not None:
                     _check_resumable(checkpoint, getattr(self, "qadapter_identity", None))
                     resume_from_checkpoint = str(checkpoint)
-            if not (self.args.bf16 or self.args.fp16):
-                return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-            with cast_hooks_suspended(self.model):  # under autocast a round trip that changes nothing
+            mixed_precision = self.args.bf16 or self.args.fp16  # autocast: the input casts are a round trip
+            with cast_hooks_suspended(self.model) if mixed_precision else contextlib.nullcontext():
                 return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
         def get_train_dataloader(self):
