@@ -44,6 +44,11 @@ SHAPES: dict[str, tuple[str, dict]] = {
                                  num_attention_heads=40, num_key_value_heads=40)),
     "llama2-70b": ("llama", dict(_LLAMA2_COMMON, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                                  num_attention_heads=64, num_key_value_heads=8)),
+    # Mistral-7B-v0.1's shape: grouped-query attention (8 KV heads for 32 query heads), a wider MLP
+    "mistral-7b": ("mistral", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                                   rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu", sliding_window=None,
+                                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
     "tiny": ("llama", dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                            rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,

@@ -1,34 +1,42 @@
 """Estimating: the peak memory of a training step from the model's shape alone (no weights, no GPU).
 
     estimate = estimate_training_memory("llama2-7b", bits=4, adapter="lora", batch_size=4, seq_len=512)
-    estimate.total, estimate.table()                              # bytes, and the breakdown term by term
+    estimate.total, estimate.table(), estimate.recipe            # bytes, the breakdown term by term, the recipe
+    estimate_training_memory("llama2-7b", seq_len=4096, recipe="plain")   # a Trainer without make_trainer
     layer_activations("llama2-7b", batch_size=1, seq_len=512)    # what one decoder layer keeps for backward
 
 `estimate_training_memory` predicts the peak `torch.cuda.max_memory_allocated()` term by term, from how transformers
-4.57 / adapters 1.3 / bitsandbytes 0.50 actually run a training step: SDPA attention (cuDNN / flash kernels: no seq
-x seq matrix; eager attention, which add_adapter uses for prefix tuning, keeps the probabilities), RMSNorm saving
-its fp32 input, the 4-bit matmul saving no activation (it dequantizes the weight again in backward), the 8-bit
-matmul keeping its input and the LLM.int8() outlier columns in its ctx where checkpointing cannot drop them, the
-fp32 upcast of the logits in the loss (log-softmax output kept, 3 fp32 seq x vocab tensors alive in its backward),
-what non-reentrant gradient checkpointing keeps (each layer's input) and recomputes (one layer), adapter weights in
-fp32 with casts at their edges as `qadapter_utils.methods.add_adapter` places them (with autocast=True: the
-compute-dtype copies of the adapter's inputs and weights that torch.autocast makes, as Trainer(bf16/fp16=True) runs
-the forward), the optimizer's states and step temporaries, the cuBLAS workspace and the CUDA caching allocator's
-rounding. The formulas are shown in notebooks/07_memory_profiling.ipynb; tests/test_memory.py checks the estimator
-against the peaks measured on GPUs (benchmarks/results/memory_*.json, written by benchmarks/memory_sweep.py: all 93
-rows within 3%) and its activation terms against the tensors autograd saves.
+4.57 / adapters 1.3 / bitsandbytes 0.50 actually run a training step, for a named recipe (RECIPES): by default what
+`qadapter_utils.train.make_trainer` runs on a GPU (autocast without the adapters' input casts, packed batches under
+packed attention, the chunked loss, paged AdamW 8-bit, gradient checkpointing), or `recipe="plain"`, a Trainer with
+bf16/fp16=True written without make_trainer; each piece is also an argument (autocast=False: the own loop of
+memory.measure_training_memory). Terms: SDPA / packed (varlen) attention (no seq x seq matrix; eager attention,
+which add_adapter uses for prefix tuning, keeps the probabilities and holds an fp32 temporary in softmax's
+backward), RMSNorm saving its fp32 input (and four fp32 temporaries in its backward), the 4-bit matmul saving no
+activation (it dequantizes the weight again in backward), the 8-bit matmul keeping its input and the LLM.int8()
+outlier columns in its ctx where checkpointing cannot drop them, the model's own loss (fp32 logits, 3 fp32
+seq x vocab tensors alive in its backward) or the chunked loss (one chunk's logits at a time), what non-reentrant
+gradient checkpointing keeps (each layer's input; in CPU memory with offloaded checkpoints) and recomputes (one layer;
+with a tiled MLP, one tile), adapter weights in fp32 with casts at their edges as `qadapter_utils.methods.add_adapter`
+places them (under autocast: the compute-dtype copies of the adapter's inputs and weights), the optimizer's states
+and step temporaries, the cuBLAS workspace and the CUDA caching allocator's rounding. The formulas are shown in
+notebooks/07_memory_profiling.ipynb. tests/test_memory.py checks the estimator against every committed GPU
+measurement: benchmarks/results/memory_grid_<gpu>.json (benchmarks/memory_grid.py: training through make_trainer and
+a plain Trainer, 58 runs within 3.2 %) and memory_<gpu>.json (benchmarks/memory_sweep.py: the own loop, 93 rows
+within 3 %), and its activation terms against the tensors autograd saves on the CPU.
 
 How bytes are counted is an input of each estimate, carried in a frozen `_Step` (device="cuda": the caching
 allocator's rounding per tensor; "cpu": exact tensor bytes), not module state.
 
-Holds estimate_training_memory, MemoryEstimate, layer_activations, count_adapter_params and estimate_for_row.
-Needs quant (weight bytes, dtype sizes); shape names
+Holds RECIPES, estimate_training_memory, MemoryEstimate, layer_activations, count_adapter_params and
+estimate_for_row. Needs quant (weight bytes, dtype sizes); shape names
 ("llama2-7b") need models and adapter names ("lora") need methods: without them, pass a transformers config and an
 adapters config object, or the call raises a ValueError that says so (never adapters' own config of the same
 name). Introduced in notebooks/07_memory_profiling.ipynb.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -180,14 +188,21 @@ class _Step:
     eager: bool
     cuda: bool
     autocast: bool = False  # the forward runs under torch.autocast(compute dtype), as Trainer(bf16/fp16=True) does
+    casts_suspended: bool = False  # make_trainer under autocast: the adapters' input casts are off
+    chunk: int | None = None  # the chunked loss's tokens per chunk; None: the model's own loss (full fp32 logits)
+    packed: bool = False  # packed (varlen) attention: q, k, v copied to (tokens, heads, dim), k/v to every head
+    tile: int | None = None  # tiled MLP: tokens per tile (each tile checkpointed)
+    offload: bool = False  # what the forward saves for backward (layer inputs, the loss's input) waits in CPU memory
 
     @classmethod
     def of(cls, shape: _Shape, parts, *, batch_size: int, seq_len: int, bits, compute_dtype, adapter_dtype,
-           int8_outliers: float, attn_implementation: str, cuda: bool, autocast: bool = False) -> _Step:
+           int8_outliers: float, attn_implementation: str, cuda: bool, autocast: bool = False,
+           **recipe) -> _Step:
         return cls(shape=shape, parts=tuple(parts), b=batch_size, s=seq_len, bits=bits,
                    e=_dtype_bytes(compute_dtype),
                    ea=4 if adapter_dtype in (None, "auto") else _dtype_bytes(adapter_dtype),
-                   int8_outliers=int8_outliers, eager=attn_implementation == "eager", cuda=cuda, autocast=autocast)
+                   int8_outliers=int8_outliers, eager=attn_implementation == "eager", cuda=cuda, autocast=autocast,
+                   **recipe)
 
     @property
     def T(self) -> int:
@@ -198,6 +213,11 @@ class _Step:
     def cast(self) -> bool:
         """Whether the adapter's weights are in another dtype than the compute dtype (casts at their edges)."""
         return self.ea != self.e
+
+    def mask_bytes(self, width: int) -> int:
+        """Bytes per element of a dropout mask: CUDA's fused kernel keeps a bool mask; the CPU's keeps the scaled
+        noise in the input's dtype (`width` bytes)."""
+        return 1 if self.cuda else width
 
     def blk(self, nbytes: float) -> int:
         """Bytes one tensor of `nbytes` counts for in this estimate (see `_blk`)."""
@@ -403,6 +423,7 @@ class MemoryEstimate:
     adapter_params: int = 0
     inputs: dict = field(default_factory=dict)
     phase_terms: dict = field(default_factory=dict)
+    recipe: str = ""
 
     def __getitem__(self, key: str) -> int:
         return self.terms[key]
@@ -424,7 +445,7 @@ class MemoryEstimate:
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}={v / GiB:.2f}" for k, v in self.terms.items() if v)
-        return f"MemoryEstimate(total={self.total / GiB:.2f} GiB at {self.peak_at}: {parts} GiB)"
+        return f"MemoryEstimate(total={self.total / GiB:.2f} GiB at {self.peak_at}: {parts} GiB; {self.recipe})"
 
 
 @dataclass
@@ -470,9 +491,13 @@ def _layer_items(step: _Step, layer: int) -> list[_Item]:
         # k is kept only for q's gradient: not where q does not require grad yet (layer 0 with a prefix only)
         items.append(_Item(1, "eager attention: k", blk(e * b * kv * hq), False))
     else:  # SDPA (cuDNN / flash / memory-efficient kernels) keeps q, k, v, the output and the log-sum-exp per row
-        items.append(_Item(2, "SDPA: q, k, v, output, logsumexp",
-                           2 * blk(e * T * hq) + 2 * blk(e * b * kv * hkv) + blk(4 * b * shape.nh * s),
-                           prefix > 0))
+        if step.packed:  # the varlen kernel gets q, k, v copied to (tokens, heads, dim), k and v to every head
+            items.append(_Item(2, "packed attention: q, k, v, output, logsumexp",
+                               4 * blk(e * T * hq) + blk(4 * T * shape.nh), False))
+        else:
+            items.append(_Item(2, "SDPA: q, k, v, output, logsumexp",
+                               2 * blk(e * T * hq) + 2 * blk(e * b * kv * hkv) + blk(4 * b * shape.nh * s),
+                               prefix > 0))
     items.append(_Item(5, "post-attention RMSNorm: fp32 input", norm, False))
     items.append(_Item(6, "MLP: SiLU input, SiLU output, up_proj output", 3 * blk(e * T * i), False))
     for part in parts:
@@ -487,11 +512,22 @@ def _layer_items(step: _Step, layer: int) -> list[_Item]:
                                        blk(e * T * fout) + blk(e * b * fout), True))
                     continue
                 if cast and step.autocast:  # fp32 weights under autocast: the matmuls run in the compute dtype
-                    if part.dropout > 0:
-                        items.append(_Item(pos, f"LoRA {name}: dropout output + mask",
-                                           blk(ea * T * fin) + blk(T * fin), True))
-                    items.append(_Item(pos, f"LoRA {name}: input, autocast's copy in the compute dtype",
-                                       blk(e * T * fin), True))
+                    if step.casts_suspended:  # make_trainer: the input is the base layer's, in the compute dtype
+                        if part.dropout > 0:  # dropout's output (what the matmul keeps) and its mask
+                            items.append(_Item(pos, f"LoRA {name}: dropout output", blk(e * T * fin), True))
+                            items.append(_Item(pos, f"LoRA {name}: dropout mask (for the input's gradient)",
+                                               blk(step.mask_bytes(e) * T * fin), False, needs_input_grad=True))
+                        elif key not in shared_inputs:
+                            shared_inputs.add(key)
+                            items.append(_Item(pos, f"LoRA {name}: input (the base layer's)", blk(e * T * fin),
+                                               True))
+                    else:  # add_adapter's cast to fp32, then autocast's copy back to the compute dtype
+                        if part.dropout > 0:
+                            items.append(_Item(pos, f"LoRA {name}: dropout output", blk(ea * T * fin), True))
+                            items.append(_Item(pos, f"LoRA {name}: dropout mask (for the input's gradient)",
+                                               blk(step.mask_bytes(ea) * T * fin), False, needs_input_grad=True))
+                        items.append(_Item(pos, f"LoRA {name}: input, autocast's copy in the compute dtype",
+                                           blk(e * T * fin), True))
                     items.append(_Item(pos, f"LoRA {name}: x @ A", blk(e * T * part.r), True))
                     items.append(_Item(pos, f"LoRA {name}: B, autocast's copy", blk(e * fout * part.r), True))
                     items.append(_Item(pos, f"LoRA {name}: A, autocast's copy", blk(e * part.r * fin), False,
@@ -500,8 +536,9 @@ def _layer_items(step: _Step, layer: int) -> list[_Item]:
                         items.append(_Item(pos, f"LoRA {name}: gated output", blk(e * T * fout), True))
                     continue
                 if part.dropout > 0:
-                    items.append(_Item(pos, f"LoRA {name}: dropout output + mask",
-                                       blk(ea * T * fin) + blk(T * fin), True))
+                    items.append(_Item(pos, f"LoRA {name}: dropout output", blk(ea * T * fin), True))
+                    items.append(_Item(pos, f"LoRA {name}: dropout mask (for the input's gradient)",
+                                       blk(step.mask_bytes(ea) * T * fin), False, needs_input_grad=True))
                 elif cast:  # add_adapter's fp32 LoRA: each module casts its input to fp32 and keeps the copy
                     items.append(_Item(pos, f"LoRA {name}: input cast to fp32", blk(ea * T * fin), True))
                 elif key not in shared_inputs:
@@ -531,6 +568,11 @@ def _layer_items(step: _Step, layer: int) -> list[_Item]:
                     items.append(_Item(pos, f"bottleneck {loc}: activation", act * blk(width * T * dn), True))
                 if part.use_gating:  # output * gate keeps the adapter output
                     items.append(_Item(pos, f"bottleneck {loc}: gated output", blk(width * T * h), True))
+    if step.tile and T > step.tile:  # tiled MLP: each tile checkpointed; the layer keeps only the tiles' input
+        per_tile = [it for it in items if it.pos == 6 and not it.escapes]  # (bitsandbytes' ctx escapes the tiles too)
+        items = [it for it in items if not (it.pos == 6 and not it.escapes)]
+        items.append(_Item(6, "tiled MLP: the tiles' input (the post-attention norm's output)", blk(e * T * h),
+                           any(it.owned for it in per_tile)))
     return items
 
 
@@ -552,89 +594,170 @@ def _layers(step: _Step, input_requires_grad: bool) -> list[list[_Item]]:
     return out
 
 
+#: The training recipes the estimator models (`estimate_training_memory(recipe=...)`); each answer names its own.
+RECIPES = {
+    "make_trainer": "qadapter_utils.train.make_trainer on a CUDA GPU: the Trainer's autocast mixed precision without "
+                    "the adapters' input casts, packed batches with packed (varlen) attention (eager attention for "
+                    "prefix tuning), the chunked loss, paged AdamW 8-bit, gradient checkpointing",
+    "plain": "a Trainer / AdapterTrainer as users run it without make_trainer: autocast mixed precision with "
+             "add_adapter's casts at the adapters' edges, padded batches, SDPA (eager for prefix tuning), the "
+             "model's own loss (full fp32 logits), the Trainer's default AdamW (fused)",
+}
+#: Each recipe's defaults for the arguments left at None.
+_RECIPE_DEFAULTS = {
+    "make_trainer": dict(optimizer="paged_adamw_8bit", autocast=True, chunked_loss=True, packed_attention=True),
+    "plain": dict(optimizer="adamw_torch_fused", autocast=True, chunked_loss=False, packed_attention=False),
+}
+
+
+def _recipe(recipe: str, parts, *, optimizer, autocast, chunked_loss, chunk_size, packed_attention,
+            attn_implementation, tiled_mlp, offload_checkpoints, compute_dtype) -> dict:
+    """The settings a recipe runs with: its defaults for what was left at None, checked."""
+    from adapters import PrefixTuningConfig
+
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe={recipe!r}: use 'make_trainer' (what qadapter_utils.train.make_trainer runs on a "
+                         f"GPU) or 'plain' (a Trainer with bf16/fp16=True, padded batches, the model's own loss)")
+    defaults = _RECIPE_DEFAULTS[recipe]
+    prefix = any(isinstance(p, PrefixTuningConfig) for p in parts)
+    out = dict(optimizer=defaults["optimizer"] if optimizer is None else optimizer,
+               autocast=defaults["autocast"] if autocast is None else autocast,
+               chunked_loss=defaults["chunked_loss"] if chunked_loss is None else chunked_loss,
+               packed_attention=(defaults["packed_attention"] and not prefix and attn_implementation is None)
+               if packed_attention is None else packed_attention,
+               tiled_mlp=tiled_mlp, offload_checkpoints=offload_checkpoints)
+    if _torch_dtype(compute_dtype) == torch.float32:
+        out["autocast"] = False  # full precision: the Trainer runs no autocast
+    for key in ("autocast", "chunked_loss", "packed_attention", "offload_checkpoints"):
+        if not isinstance(out[key], bool):
+            raise ValueError(f"{key}={out[key]!r}: use True or False (or None for the recipe's default)")
+    if out["packed_attention"] and prefix:
+        raise ValueError("packed_attention=True with prefix tuning: make_trainer refuses it (adapters 1.3.0 computes "
+                         "prefix tuning right only under eager attention); leave packed_attention=None")
+    if out["packed_attention"] and attn_implementation not in (None, "sdpa"):
+        raise ValueError(f"packed_attention=True replaces attn_implementation={attn_implementation!r}: pass one")
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size={chunk_size!r}: tokens per chunk of the chunked loss, e.g. 2048")
+    if tiled_mlp is not None and not (isinstance(tiled_mlp, int) and tiled_mlp >= 1):
+        raise ValueError(f"tiled_mlp={tiled_mlp!r}: tokens per MLP tile (e.g. 4096) or None")
+    return out
+
+
 def estimate_training_memory(config="llama2-7b", *, bits: int | None = 4, quant_type: str = "nf4",
                              double_quant: bool = True, compute_dtype="bfloat16", adapter="lora",
                              adapter_dtype="auto", batch_size: int = 1, seq_len: int = 512,
-                             gradient_checkpointing: bool = True, optimizer: str = "adamw_torch",
-                             int8_outliers: float = 1.0, input_requires_grad: bool | None = None,
-                             attn_implementation: str | None = None, device: str = "cuda",
-                             autocast: bool = False) -> MemoryEstimate:
+                             gradient_checkpointing: bool = True, recipe: str = "make_trainer",
+                             optimizer: str | None = None, autocast: bool | None = None,
+                             chunked_loss: bool | None = None, chunk_size: int = 2048,
+                             packed_attention: bool | None = None, tiled_mlp: int | None = None,
+                             offload_checkpoints: bool = False, int8_outliers: float = 1.0,
+                             input_requires_grad: bool | None = None, attn_implementation: str | None = None,
+                             device: str = "cuda") -> MemoryEstimate:
     """Predict the peak `torch.cuda.max_memory_allocated()` of training `adapter` on a `bits`-quantized model
-    of `config` with batches of `batch_size` x `seq_len` tokens; no GPU and no weights needed.
+    of `config` with batches of `batch_size` x `seq_len` tokens; no GPU and no weights needed. The answer names
+    the recipe it assumed (`MemoryEstimate.recipe`).
 
+    recipe: "make_trainer" (default): what qadapter_utils.train.make_trainer runs on a CUDA GPU: the Trainer's
+    autocast in the compute dtype with the adapters' input casts suspended, packed batches (batch_size samples of
+    seq_len tokens in one row) under packed (varlen) attention (eager attention for prefix tuning), the chunked
+    loss (chunk_size tokens at a time), paged AdamW 8-bit, gradient checkpointing. "plain": a Trainer /
+    AdapterTrainer with bf16=True / fp16=True as users run it without make_trainer: autocast with add_adapter's
+    casts at the adapters' edges, padded batches of batch_size x seq_len, SDPA, the model's own loss (full fp32
+    logits), the Trainer's default optimizer (adamw_torch_fused). Each piece is also an argument (None = the
+    recipe's): optimizer, autocast (False: no mixed precision, add_adapter's casts only, as
+    memory.measure_training_memory's own loop runs), chunked_loss, packed_attention, and the fast recipe's
+    tiled_mlp (tokens per MLP tile) and offload_checkpoints (make_trainer's switches of the same names).
     config: a transformers config or a shape name of qadapter_utils.models.SHAPES ("llama2-7b", "llama2-13b", ...).
     bits: 4 (NF4/FP4, double_quant), 8 (LLM.int8()) or None (unquantized, in compute_dtype).
     adapter: a preset name of qadapter_utils.methods.PRESETS ("lora", "lora_all", "prefix", "seq_bn", "par_bn",
     ...) or an adapters config object. adapter_dtype: "auto" = fp32 adapter weights with casts at their edges,
     as `qadapter_utils.methods.add_adapter` places them; or the compute dtype (no casts).
-    optimizer: adamw_torch (default of transformers' Trainer, foreach), adamw_torch_fused, adamw_8bit,
-    paged_adamw_8bit, paged_adamw_32bit, sgd.
+    optimizer: adamw_torch (foreach), adamw_torch_fused, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, sgd.
     int8_outliers (8-bit only): share of down_proj's input columns holding an LLM.int8() outlier (|x| > 6) in a
     batch, which bitsandbytes keeps again for backward. 1.0 (default) is an upper bound and what random weights
     give from ~1k tokens on; real Llama-2 weights have far fewer outlier columns.
     input_requires_grad: whether the embedding output requires grad; None = as `add_adapter` leaves it (only with
     gradient checkpointing). True when e.g. peft's prepare_model_for_kbit_training or an earlier
     `enable_input_require_grads()` made it so: then layer 0 also keeps its activations.
-    attn_implementation: "sdpa" or "eager"; None = as `add_adapter` leaves the model: eager for prefix tuning
-    (adapters 1.3.0's prefix is wrong under SDPA), SDPA otherwise. Eager attention keeps the seq x (seq+prefix)
-    probabilities of every head (fp32 and a copy) for backward: it grows with the square of the sequence.
+    attn_implementation: "sdpa" or "eager" where packed attention is off; None = as `add_adapter` leaves the
+    model: eager for prefix tuning (adapters 1.3.0's prefix is wrong under SDPA), SDPA otherwise. Eager attention
+    keeps the seq x (seq+prefix) probabilities of every head (fp32 and a copy) for backward: it grows with the
+    square of the sequence.
     device: "cuda" (allocator rounding to 512 B / 2 MiB blocks and 64 MiB of cuBLAS workspace, as on Hopper
     GPUs) or "cpu" (exact tensor bytes, for comparing with the CPU measure of `measure_training_memory`).
-    autocast: the forward runs under `torch.autocast(compute_dtype)`, as transformers' Trainer runs it with
-    bf16=True / fp16=True (what `make_trainer` sets on a GPU). With fp32 adapter weights the adapter's matmuls then
-    keep compute-dtype copies of their inputs and of their weights instead of fp32 inputs. Modeled for LoRA-type
-    methods ((IA)^3 included), bottleneck adapters and prefix tuning on 4-bit or unquantized bases and checked
-    against the tensors autograd saves on the CPU (tests/test_memory.py); not yet against GPU peaks (issue #14).
-    Returns a MemoryEstimate whose terms sum to the predicted peak; the formulas are in the notebook.
-    Assumes a training step as AdapterTrainer runs it: train mode, no padding (SDPA without a mask), loss from
-    the model's labels, outputs dropped before backward. (07_memory_profiling)"""
+    Checked against GPU peaks measured through make_trainer and a Trainer (benchmarks/memory_grid.py) and in the
+    own loop without autocast (benchmarks/memory_sweep.py): tests/test_memory.py. Returns a MemoryEstimate whose
+    terms sum to the predicted peak; the formulas are in notebooks/07_memory_profiling.ipynb. Assumes no padding
+    inside a batch, loss on every position, outputs dropped before backward. (05_training, 07_memory_profiling)"""
     if bits not in (None, 4, 8):
         raise ValueError(f"bits={bits!r}: use 4, 8 or None")
     if not (isinstance(batch_size, int) and isinstance(seq_len, int)) or batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size={batch_size!r}, seq_len={seq_len!r}: both must be integers >= 1")
-    if optimizer not in _OPTIMIZERS and optimizer != "adamw_bnb_8bit":
+    if optimizer is not None and optimizer not in _OPTIMIZERS and optimizer != "adamw_bnb_8bit":
         raise ValueError(f"optimizer={optimizer!r} is not supported: use one of {', '.join(_OPTIMIZERS)}")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: use 'cuda' or 'cpu'")
-    if not isinstance(autocast, bool):
-        raise ValueError(f"autocast={autocast!r}: use True (the forward under torch.autocast, as Trainer(bf16=True) "
-                         f"runs it) or False")
     config = _resolve_config(config)
     adapter_obj = _resolve_adapter(adapter)
     parts = _components(adapter_obj)
-    if autocast:
+    settings = _recipe(recipe, parts, optimizer=optimizer, autocast=autocast, chunked_loss=chunked_loss,
+                       chunk_size=chunk_size, packed_attention=packed_attention,
+                       attn_implementation=attn_implementation, tiled_mlp=tiled_mlp,
+                       offload_checkpoints=offload_checkpoints, compute_dtype=compute_dtype)
+    if settings["autocast"]:
         _check_autocast_modeled(parts, bits)
-    attn_implementation = _attention(parts, attn_implementation)
-    if attn_implementation not in ("sdpa", "eager"):
+    attn_implementation = "packed" if settings["packed_attention"] else _attention(parts, attn_implementation)
+    if attn_implementation not in ("sdpa", "eager", "packed"):
         raise ValueError(f"attn_implementation={attn_implementation!r}: use 'sdpa' or 'eager'")
-    step = _Step.of(_Shape.of(config), parts, batch_size=batch_size, seq_len=seq_len, bits=bits,
+    rows, length = (1, batch_size * seq_len) if recipe == "make_trainer" else (batch_size, seq_len)  # packing
+    step = _Step.of(_Shape.of(config), parts, batch_size=rows, seq_len=length, bits=bits,
                     compute_dtype=compute_dtype, adapter_dtype=adapter_dtype, int8_outliers=int8_outliers,
-                    attn_implementation=attn_implementation, cuda=device == "cuda", autocast=autocast)
+                    attn_implementation=attn_implementation, cuda=device == "cuda", autocast=settings["autocast"],
+                    casts_suspended=recipe == "make_trainer" and settings["autocast"],
+                    chunk=chunk_size if settings["chunked_loss"] else None,
+                    packed=settings["packed_attention"], tile=tiled_mlp,
+                    offload=offload_checkpoints and gradient_checkpointing)
     inputs = dict(config=getattr(config, "name_or_path", "") or type(config).__name__, bits=bits,
                   quant_type=quant_type, double_quant=double_quant, compute_dtype=str(compute_dtype),
                   adapter=adapter if isinstance(adapter, str) else type(adapter_obj).__name__,
                   adapter_dtype=str(adapter_dtype), batch_size=batch_size, seq_len=seq_len,
-                  gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
-                  attn_implementation=attn_implementation, autocast=autocast)
-    return _estimate(step, config, adapter_obj, quant_type=quant_type, double_quant=double_quant,
-                     compute_dtype=compute_dtype, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
-                     input_requires_grad=gradient_checkpointing if input_requires_grad is None else input_requires_grad,
-                     inputs=inputs)
+                  gradient_checkpointing=gradient_checkpointing, recipe=recipe, **settings,
+                  chunk_size=chunk_size, attn_implementation=attn_implementation)
+    estimate = _estimate(step, config, adapter_obj, quant_type=quant_type, double_quant=double_quant,
+                         compute_dtype=compute_dtype, gradient_checkpointing=gradient_checkpointing,
+                         optimizer=settings["optimizer"],
+                         input_requires_grad=gradient_checkpointing if input_requires_grad is None
+                         else input_requires_grad, inputs=inputs)
+    estimate.recipe = _recipe_name(inputs)
+    return estimate
+
+
+def _recipe_name(inputs: dict) -> str:
+    """A short description of the recipe an estimate assumed, e.g. "make_trainer (autocast bfloat16, packed
+    attention, chunked loss, paged_adamw_8bit, gradient checkpointing)"."""
+    pieces = [f"autocast {inputs['compute_dtype'].replace('torch.', '')}" if inputs["autocast"] else "no autocast",
+              {"packed": "packed attention", "eager": "eager attention", "sdpa": "SDPA"}[inputs["attn_implementation"]],
+              f"chunked loss ({inputs['chunk_size']})" if inputs["chunked_loss"] else "full logits",
+              inputs["optimizer"],
+              "gradient checkpointing" if inputs["gradient_checkpointing"] else "no checkpointing"]
+    if inputs["tiled_mlp"]:
+        pieces.append(f"MLP tiles of {inputs['tiled_mlp']}")
+    if inputs["offload_checkpoints"]:
+        pieces.append("offloaded checkpoints")
+    return f"{inputs['recipe']} ({', '.join(pieces)})"
 
 
 def _check_autocast_modeled(parts, bits) -> None:
     """Raise ValueError for what autocast=True does not model yet."""
     from adapters import BnConfig, LoRAConfig, PrefixTuningConfig
 
-    if bits == 8:
-        raise ValueError("autocast=True is not modeled for 8-bit bases yet (bitsandbytes' int8 matmul keeps fp16 "
-                         "copies of its inputs under autocast): estimate with autocast=False, or measure")
     for part in parts:
         lora = isinstance(part, LoRAConfig) and not _is_vera(part)
         bottleneck = isinstance(part, BnConfig) and not part.phm_layer and not part.inv_adapter
         if not (lora or bottleneck or isinstance(part, PrefixTuningConfig)):
             raise ValueError(f"autocast=True is modeled for LoRA-type methods, bottleneck adapters and prefix "
-                             f"tuning, not for {type(part).__name__}: estimate with autocast=False, or measure")
+                             f"tuning, not for {type(part).__name__}: estimate without mixed precision "
+                             f"(recipe='plain', autocast=False), or measure")
 
 
 def _estimate(step: _Step, config, adapter_obj, *, quant_type: str, double_quant: bool, compute_dtype,
@@ -683,21 +806,42 @@ def _estimate(step: _Step, config, adapter_obj, *, quant_type: str, double_quant
     pool = pool_saved + (pool_out if gradient_checkpointing else 0)
     hidden = blk(e * T * h)
     if gradient_checkpointing:  # non-reentrant: each layer keeps its input (+ what escapes autograd's hooks)
-        layer_kept = [hidden + esc for esc in escaping]
+        layer_kept = [(0 if step.offload else hidden) + esc for esc in escaping]
     else:
         layer_kept = size
+    if step.offload:  # the saved layer inputs and the final norm's input wait in CPU memory: one comes back at a time
+        final_norm = 0
+    unpacked = hidden if step.offload else 0
     kept = sum(layer_kept) + final_norm + rope + pool
 
     # --- logits and loss: bf16 logits, their fp32 copy (ForCausalLMLoss upcasts), log-softmax output ----------
-    logits = blk(e * T * V)
-    fp32_logits = blk(4 * T * V)
-    loss_forward = logits + (fp32_logits if e < 4 else 0) + fp32_logits
-    loss_backward = 3 * fp32_logits  # log-softmax output + nll_loss's gradient + log-softmax's input gradient
+    if step.chunk:  # qadapter_utils.loss: the decoder's output, the copy of the counted positions it keeps, and per
+        c = min(step.chunk, T)  # chunk the logits (compute dtype, fp32) and logsumexp's two fp32 temporaries;
+        # backward: the kept copy, the input gradient it fills, a chunk's logits (both dtypes), softmax, its scaled
+        # fp32 copy and the compute-dtype cast
+        loss_forward = 2 * hidden + max(blk(e * c * V) + blk(4 * c * V), 3 * blk(4 * c * V))
+        loss_backward = 2 * hidden + max(blk(e * c * V) + 2 * blk(4 * c * V), 2 * blk(4 * c * V) + blk(e * c * V))
+    else:
+        logits = blk(e * T * V)
+        fp32_logits = blk(4 * T * V)
+        loss_forward = logits + (fp32_logits if e < 4 else 0) + fp32_logits
+        loss_backward = 3 * fp32_logits  # log-softmax output + nll_loss's gradient + log-softmax's input gradient
 
     # --- a layer's backward: the gradient arriving (T x h) and, in the MLP, the gradients of SiLU's and up_proj's
     # outputs beside their product's, or the weight dequantized for the matmul's input gradient
     w_tmp = (blk(e * h * i) + (blk(4 * (h * i // 64)) if bits == 4 else 0)) if bits in (4, 8) else 0
-    layer_tmp = hidden + max(blk(e * T * i) + w_tmp, 3 * blk(e * T * i))
+    tiled = bool(step.tile) and T > step.tile
+    Tm = step.tile if tiled else T  # tokens the MLP runs at once
+    layer_tmp = hidden + max(blk(e * Tm * i) + w_tmp, 3 * blk(e * Tm * i))
+    if tiled:  # a tile's recomputed MLP tensors, and its input gradient scattered into a (tokens x hidden) zero
+        tile_step = dataclasses.replace(step, b=1, s=step.tile, tile=None)
+        layer_tmp += sum(it.nbytes for it in _layer_items(tile_step, shape.L - 1) if it.pos == 6 and not it.escapes)
+        layer_tmp += 2 * hidden
+    # the post-attention RMSNorm's backward (after the MLP's, whose tensors are released by then): the gradient
+    # arriving through the residual, its product with the weight and four fp32 (tokens x hidden) temporaries.
+    # Matters where the MLP's share is small (tiled MLP)
+    mlp_kept = sum(it.nbytes for it in _layer_items(step, shape.L - 1) if it.pos == 6 and not it.escapes)
+    layer_tmp = max(layer_tmp, 2 * hidden + 4 * blk(4 * T * h) - mlp_kept)
     mask = 0
     attn_fwd_tmp = 0
     if eager:
@@ -706,7 +850,10 @@ def _estimate(step: _Step, config, adapter_obj, *, quant_type: str, double_quant
         # the prefix-extended mask; and transformers materialises a (seq x seq) causal mask for eager attention
         kv = s + sum(p.prefix_length for p in parts if isinstance(p, PrefixTuningConfig))
         probs = b * shape.nh * s * kv
-        attn_tmp = hidden + blk(4 * probs) + 2 * blk(e * probs) - 3 * blk(e * T * i) - final_norm
+        # (in the compute dtype: the saved copy is released first, softmax's backward holds an fp32 temporary
+        # beside the fp32 gradient and its output: measured on an H200, benchmarks/results/memory_grid_h200.md)
+        probs_tmp = 3 * blk(4 * probs) - blk(e * probs) if e < 4 else blk(4 * probs) + 2 * blk(e * probs)
+        attn_tmp = hidden + probs_tmp - 3 * blk(e * T * i) - final_norm
         layer_tmp = max(layer_tmp, attn_tmp)
         attn_fwd_tmp = 2 * blk(e * probs) + blk(e * b * s * kv)
         mask = blk(e * b * s * s)
@@ -720,13 +867,15 @@ def _estimate(step: _Step, config, adapter_obj, *, quant_type: str, double_quant
         fwd_tmp = blk(2 * T * i) + blk(T * i) + blk(h * n_out) + blk(4 * h * n_out) + blk(2 * h * n_out) \
             + blk(4 * T * h) + hidden
     elif bits == 4:
-        fwd_tmp = blk(e * T * i) + (w_tmp if T > 1536 else 0) + hidden  # product, dequantized weight, output
+        fwd_tmp = blk(e * Tm * i) + (w_tmp if Tm > 1536 else 0) + hidden  # product, dequantized weight, output
     else:
-        fwd_tmp = blk(e * T * i) + hidden
+        fwd_tmp = blk(e * Tm * i) + hidden
     fwd_tmp = max(fwd_tmp, attn_fwd_tmp) + (0 if gradient_checkpointing else mask)
     grads_all = adapter_bytes
     grads_layer = adapter_bytes // shape.L
     embedding_leaf = hidden if input_requires_grad else 0  # made to require grad: AccumulateGrad keeps it
+    if step.offload:  # the embedding output's copy goes to the CPU, but its AccumulateGrad node keeps it here
+        kept += embedding_leaf
 
     static = {"quantized weights": quantized, "other weights": other, "adapter parameters": adapter_bytes,
               "optimizer states": opt_states}
@@ -738,10 +887,12 @@ def _estimate(step: _Step, config, adapter_obj, *, quant_type: str, double_quant
     candidates = {
         "end of forward (loss)": phase(0, kept + (0 if gradient_checkpointing else pool_out), loss_forward, 0),
         "loss backward": phase(0, kept, loss_backward, 0),
-        "first layer backward": phase(grads_layer, kept - final_norm + (recomputed[-1] if gradient_checkpointing
-                                                                      else 0), 0, layer_tmp),
-        "last layer backward": phase(grads_all, layer_kept[0] + (recomputed[0] if gradient_checkpointing else 0)
-                                     + (0 if gradient_checkpointing else embedding_leaf) + rope + pool, 0,
+        "first layer backward": phase(grads_layer, kept - final_norm + unpacked
+                                      + (recomputed[-1] if gradient_checkpointing else 0), 0, layer_tmp),
+        "last layer backward": phase(grads_all, layer_kept[0] + unpacked
+                                     + (recomputed[0] if gradient_checkpointing else 0)
+                                     + (embedding_leaf if step.offload or not gradient_checkpointing else 0)
+                                     + rope + pool, 0,
                                      layer_tmp),
         "optimizer step": phase(grads_all, 0, 0, opt_temp),
     }
@@ -788,12 +939,20 @@ def layer_activations(config="llama2-7b", *, bits: int | None = 4, compute_dtype
 
 
 def estimate_for_row(row: dict) -> int:
-    """The estimate (bytes) for one row of a table written by benchmarks/memory_sweep.py."""
+    """The estimate (bytes) for one row of a table written by benchmarks/memory_grid.py (rows naming their recipe
+    and its switches) or benchmarks/memory_sweep.py (the own loop without autocast: recipe "plain",
+    autocast=False)."""
     overrides = row.get("overrides", {})
-    extra = {k: row[k] for k in ("input_requires_grad", "attn_implementation", "autocast") if k in row}
+    keys = ("input_requires_grad", "attn_implementation", "autocast", "chunked_loss", "chunk_size",
+            "packed_attention", "tiled_mlp", "offload_checkpoints")
+    extra = {k: row[k] for k in keys if row.get(k) is not None}
+    if "recipe" not in row:
+        extra.setdefault("autocast", False)
+    if extra.get("packed_attention"):
+        extra.pop("attn_implementation", None)
     return estimate_training_memory(
         row["model"], bits=row["bits"], quant_type=row.get("quant_type", "nf4"),
         double_quant=row.get("double_quant", True), compute_dtype=row.get("compute_dtype", "bfloat16"),
         adapter=row["adapter_config"], adapter_dtype=overrides.get("adapter_dtype", "auto"),
         batch_size=row["batch_size"], seq_len=row["seq_len"], gradient_checkpointing=row["gradient_checkpointing"],
-        optimizer=row["optimizer"], **extra).total
+        optimizer=row["optimizer"], recipe=row.get("recipe", "plain"), **extra).total

@@ -137,8 +137,8 @@ def cost_from_estimate(config="llama2-7b", *, probe_tokens: int = 2048, recomput
     batch_size=1, seq_len=T, gradient_checkpointing=...) (`estimate_kwargs` go there: bits, adapter, optimizer,
     device, ...), times in relative units: a step takes `fixed_step_tokens` plus 1 per token without
     checkpointing, recomputing every layer adds `recompute_share` per token. config: a transformers config, a
-    model (its .config) or a shape name of qadapter_utils.models.SHAPES. The estimator computes the plain loss
-    (full fp32 logits), so with the chunked loss the real peak is lower: the plan errs on the safe side."""
+    model (its .config) or a shape name of qadapter_utils.models.SHAPES. The estimate is of make_trainer's recipe
+    (estimate_training_memory's default: chunked loss, packed attention) unless estimate_kwargs say otherwise."""
     config = _resolve_config(getattr(config, "config", config))
     _check_int("probe_tokens", probe_tokens, 1)
     if not 0 <= recompute_share < 10:
