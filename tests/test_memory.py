@@ -300,6 +300,10 @@ def test_planner_is_consistent_with_fits():
     assert not memory.fits("llama2-7b", "T4", seq_len=n + 256, compute_dtype="float16",
                            optimizer="paged_adamw_8bit").fits
     assert memory.max_batch_size(2, "llama2-7b", seq_len=512) == 0  # 2 GiB cannot even hold the weights
+    long = memory.fits("llama2-7b", "T4", compute_dtype="float16", seq_len=32768)  # make_trainer's recipe
+    assert not long and any("tiled_mlp=4096" in s and "(fits)" in s for s in long.suggestions), long.suggestions
+    plain = memory.fits("llama2-7b", "T4", compute_dtype="float16", seq_len=16384, recipe="plain")
+    assert not plain and any("make_trainer" in s and "(fits)" in s for s in plain.suggestions), plain.suggestions
     # a larger margin can only shrink what fits
     assert memory.max_batch_size("A100-40GB", seq_len=1024, safety_margin=0.3) <= b
 

@@ -197,12 +197,13 @@ class _Step:
     @classmethod
     def of(cls, shape: _Shape, parts, *, batch_size: int, seq_len: int, bits, compute_dtype, adapter_dtype,
            int8_outliers: float, attn_implementation: str, cuda: bool, autocast: bool = False,
-           **recipe) -> _Step:
+           **pieces) -> _Step:
+        """pieces: the recipe's fields below autocast (casts_suspended, chunk, packed, tile, offload)."""
         return cls(shape=shape, parts=tuple(parts), b=batch_size, s=seq_len, bits=bits,
                    e=_dtype_bytes(compute_dtype),
                    ea=4 if adapter_dtype in (None, "auto") else _dtype_bytes(adapter_dtype),
                    int8_outliers=int8_outliers, eager=attn_implementation == "eager", cuda=cuda, autocast=autocast,
-                   **recipe)
+                   **pieces)
 
     @property
     def T(self) -> int:

@@ -104,6 +104,12 @@ def fits(config="llama2-7b", gpu="T4", *, safety_margin: float = SAFETY_MARGIN, 
         if kw["optimizer"] not in ("paged_adamw_8bit", "sgd") and estimate.terms["optimizer states"] > 0.5 * GiB:
             options.append(("use the paged 8-bit AdamW (optimizer='paged_adamw_8bit')",
                             {"optimizer": "paged_adamw_8bit"}))
+        if kw["recipe"] == "plain":
+            options.append(("train with qadapter_utils.train.make_trainer (recipe='make_trainer': chunked loss, "
+                            "packed attention)", {"recipe": "make_trainer"}))
+        elif kw["gradient_checkpointing"] and not kw["offload_checkpoints"]:
+            options.append(("tile the MLP and offload the checkpoints (make_trainer(tiled_mlp=4096, "
+                            "offload_checkpoints=True))", {"tiled_mlp": 4096, "offload_checkpoints": True}))
         if kw["batch_size"] > 1:
             options.append((f"use batch_size={kw['batch_size'] // 2} (and gradient accumulation)",
                             {"batch_size": kw["batch_size"] // 2}))
