@@ -11,14 +11,14 @@ mkdir -p "$OUT"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 QADAPTER_CACHE=${QADAPTER_CACHE:-/tmp/qadapter}
 STEPS=${STEPS:-10}
 COMMON="--bits 4 --method lora --synthetic-length 512 --steps $STEPS --lr 1e-4"
-python3 -c "from qadapter_utils.models import _random_checkpoint; import torch; _random_checkpoint('llama2-7b', torch.bfloat16)"
+python3 -c "from qadapter_utils.models import random_checkpoint; import torch; random_checkpoint('llama2-7b', torch.bfloat16)"
 CUDA_VISIBLE_DEVICES=0 python3 scripts/train_distributed.py --model random:llama2-7b $COMMON --global-batch 8 --out "$OUT/ddp1"
 cp "$OUT/ddp1/result.json" "$OUT/ddp1.json"
 python3 -m accelerate.commands.launch --config_file configs/accelerate/ddp.yaml --num_processes "$N" scripts/train_distributed.py \
   --model random:llama2-7b $COMMON --global-batch $((8 * N)) --out "$OUT/ddp$N"
 cp "$OUT/ddp$N/result.json" "$OUT/ddp$N.json"
 rm -rf /tmp/qadapter/random-llama2-7b-*   # disk: the 13B checkpoint needs the room
-python3 -c "from qadapter_utils.models import _random_checkpoint; import torch; _random_checkpoint('llama2-13b', torch.bfloat16)"
+python3 -c "from qadapter_utils.models import random_checkpoint; import torch; random_checkpoint('llama2-13b', torch.bfloat16)"
 python3 -m accelerate.commands.launch --config_file configs/accelerate/fsdp_qlora.yaml --num_processes "$N" scripts/train_distributed.py \
   --model random:llama2-13b --fsdp --bits 4 --method lora --synthetic-length 512 --steps 4 --lr 1e-4 \
   --global-batch $((4 * N)) --out "$OUT/fsdp$N"

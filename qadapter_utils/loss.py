@@ -18,10 +18,12 @@ padding, sample boundaries of a packed row) are dropped before lm_head, so they 
 
 Written by hand because neither transformers 4.57 nor peft/adapters ship a chunked loss (Liger-Kernel's fused
 linear cross-entropy does the same in Triton; it is not among the pinned libraries). `causal_lm_loss` runs the
-model's own forward with lm_head swapped for an identity during the call (so the forward returns the last hidden
-states; calling the decoder `model.model` directly would skip the forward context that AdapterHub's prefix
-tuning needs) and this loss on lm_head's weight; it works on plain transformers models, on models with AdapterHub
-adapters and on peft models (lm_head found through `get_base_model()`).
+model's own forward with lm_head swapped, during the call, for a module that computes this loss on lm_head's weight
+from the last hidden states (calling the decoder `model.model` directly would skip the forward context that
+AdapterHub's prefix tuning needs, and computing the loss after the forward would find an FSDP-sharded lm_head's
+weight released); it works on plain transformers models, on models with AdapterHub adapters, on peft models
+(lm_head found through `get_base_model()`) and under FSDP or DDP (through `.module`; FSDP checked with 2 CPU
+processes in tests/test_distributed.py).
 
 Used by qadapter_utils.train.make_trainer(chunked_loss=True) and benchmarks/ (memory: 07_memory_profiling).
 Imports no sibling: works when copied alone (needs only torch; transformers for the model). -100, the ignored
@@ -133,39 +135,53 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
 
 def _unwrap(model):
-    """The transformers *ForCausalLM inside a peft model (or the model itself)."""
+    """The transformers *ForCausalLM inside a peft model, an FSDP or DDP wrapper (or the model itself). The
+    forward still runs through the wrapper (FSDP gathers the sharded weights there); only lm_head is found inside."""
+    while type(model).__name__ in ("FullyShardedDataParallel", "DistributedDataParallel"):
+        model = model.module  # both keep the model as .module (FSDP also forwards attributes to it)
     if hasattr(model, "get_base_model") and callable(model.get_base_model):
         return model.get_base_model()
     return model
 
 
-class _Identity(torch.nn.Module):
+class _LossHead(torch.nn.Module):
+    """Stands in for lm_head during one forward: returns chunked_lm_loss of the hidden states it receives. The loss
+    is computed inside the model's own forward, where a sharded lm_head (FSDP) has its weight gathered, and becomes
+    the forward's output, so FSDP gathers the weight again for its backward."""
+
+    def __init__(self, head: torch.nn.Module, labels: torch.Tensor, **loss_kwargs):
+        super().__init__()
+        object.__setattr__(self, "_head", head)  # not a submodule: its parameters stay where they are
+        self._labels, self._loss_kwargs = labels, loss_kwargs
+
     def forward(self, hidden_states):
-        return hidden_states
+        head = self._head
+        return chunked_lm_loss(hidden_states, head.weight, self._labels, bias=getattr(head, "bias", None),
+                               **self._loss_kwargs)
 
 
 @contextlib.contextmanager
-def _hidden_states_as_logits(base):
-    """Within the block, `base`'s output layer (lm_head) returns its input: the model's forward then yields the
-    last hidden states as `logits`, through every wrapper (adapters' forward context, peft)."""
+def _lm_head_replaced(base, replacement: torch.nn.Module):
+    """Within the block, `base`'s output layer (lm_head) is `replacement`, through every wrapper (adapters' forward
+    context, peft, FSDP)."""
     head = base.get_output_embeddings()
     names = [name for name, child in base.named_children() if child is head]
     if not names:
         raise ValueError(f"could not find the output layer of {type(base).__name__} among its direct children")
-    setattr(base, names[0], _Identity())
+    setattr(base, names[0], replacement)
     try:
-        yield head
+        yield
     finally:
         setattr(base, names[0], head)
 
 
 def causal_lm_loss(model, input_ids=None, labels=None, *, chunk_size: int = DEFAULT_CHUNK,
                    num_items_in_batch=None, ignore_index: int = -100, **model_kwargs) -> torch.Tensor:
-    """The training loss of a transformers causal LM (e.g. LlamaForCausalLM, with AdapterHub adapters or as a
-    peft model) without materialising its logits: runs the model's own forward with its output layer (lm_head)
-    swapped for an identity for the duration of the call, so the forward returns the last hidden states, then
-    `chunked_lm_loss` on lm_head's weight. Equals `model(input_ids, labels=labels, ...).loss`. model_kwargs go to
-    the model (attention_mask, position_ids, use_cache, ...). (make_trainer(chunked_loss=True))"""
+    """The training loss of a transformers causal LM (e.g. LlamaForCausalLM, with AdapterHub adapters, as a peft
+    model, under FSDP or DDP) without materialising its logits: runs the model's own forward with its output layer
+    (lm_head) swapped, for the duration of the call, for one that computes `chunked_lm_loss` on lm_head's weight
+    from the last hidden states. Equals `model(input_ids, labels=labels, ...).loss`. model_kwargs go to the model
+    (attention_mask, position_ids, use_cache, ...). (make_trainer(chunked_loss=True))"""
     if labels is None:
         raise ValueError("causal_lm_loss needs labels (the input ids, with -100 where no loss is wanted)")
     base = _unwrap(model)
@@ -174,10 +190,10 @@ def causal_lm_loss(model, input_ids=None, labels=None, *, chunk_size: int = DEFA
                          f"(get_output_embeddings()): pass e.g. a LlamaForCausalLM")
     model_kwargs.pop("return_dict", None)
     model_kwargs.setdefault("use_cache", False)
-    with _hidden_states_as_logits(base) as head:
-        hidden = model(input_ids=input_ids, return_dict=True, **model_kwargs).logits
-    return chunked_lm_loss(hidden, head.weight, labels, bias=getattr(head, "bias", None), chunk_size=chunk_size,
-                           ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
+    loss_head = _LossHead(base.get_output_embeddings(), labels, chunk_size=chunk_size, ignore_index=ignore_index,
+                          num_items_in_batch=num_items_in_batch)
+    with _lm_head_replaced(base, loss_head):
+        return model(input_ids=input_ids, return_dict=True, **model_kwargs).logits
 
 
 def chunked_compute_loss(model, inputs: dict, return_outputs: bool = False, num_items_in_batch=None,

@@ -306,12 +306,30 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
                              callbacks=[stats, *fast_pieces, *callbacks])
     trainer.qadapter_identity = identity
     trainer.qadapter_tokens_per_step = tokens_per_step
+    if getattr(trainer, "is_fsdp_enabled", False):  # launched with an FSDP config (accelerate)
+        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_wrap_policy(model)
     if chunked_loss:
         trainer.compute_loss = _under_autocast(trainer, functools.partial(chunked_compute_loss,
                                                                           chunk_size=chunk_size))
     if offload_checkpoints:
         trainer.compute_loss = fast.offloaded(trainer.compute_loss)
     return trainer
+
+
+def fsdp_wrap_policy(model):
+    """The FSDP auto-wrap policy make_trainer gives accelerate when launched with FSDP: every decoder layer is a unit,
+    and so is every module holding trainable parameters of its own (the adapters' weights). FSDP flattens each
+    unit's parameters into one tensor of one dtype, so with the decoder layers alone it refuses fp32 adapters in a
+    bf16 or 4-bit (bf16-stored) base: "Must flatten tensors with uniform dtype" (tests/test_distributed.py).
+    (08_multi_gpu)"""
+    layer_classes = tuple({type(layer) for layer in decoder_layers(model)})
+
+    def policy(module, recurse, nonwrapped_numel):
+        if recurse:
+            return True
+        return isinstance(module, layer_classes) or any(p.requires_grad for p in module.parameters(recurse=False))
+
+    return policy
 
 
 def _under_autocast(trainer, compute_loss):
