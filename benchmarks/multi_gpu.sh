@@ -23,3 +23,4 @@ python3 -m accelerate.commands.launch --config_file configs/accelerate/fsdp_qlor
   --model random:llama2-13b --fsdp --bits 4 --method lora --synthetic-length 512 --steps 4 --lr 1e-4 \
   --global-batch $((4 * N)) --out "$OUT/fsdp$N"
 cp "$OUT/fsdp$N/result.json" "$OUT/fsdp$N.json" 2>/dev/null || echo "FSDP run wrote no result"
+python3 benchmarks/multi_gpu_table.py "$OUT"   # OUT/table.md: weak scaling, FSDP peak per GPU vs the estimator

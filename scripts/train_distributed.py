@@ -122,7 +122,8 @@ def main(argv=None) -> dict | None:
     step_seconds = step_stats(trainer)["seconds per step"]  # median, first step (warm-up) excluded
     result = {
         "model": args.model, "bits": args.bits, "method": args.method, "world_size": world, "fsdp": args.fsdp,
-        "steps": args.steps, "global_batch": args.global_batch, "losses": losses, "tokens": tokens,
+        "steps": args.steps, "global_batch": args.global_batch, "synthetic_length": args.synthetic_length,
+        "losses": losses, "tokens": tokens,
         "seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1),
         "median_step_seconds": round(step_seconds, 4),
         "steady_tokens_per_second": round(tokens / args.steps / step_seconds, 1),

@@ -71,8 +71,9 @@ def run(rank, world, port, out):
     from qadapter_utils.loss import causal_lm_loss
     from qadapter_utils.train import fsdp_wrap_policy
     torch.manual_seed(0)
-    model, _ = qu.load_model("tiny", bits=None, compute_dtype="bfloat16")
-    qu.add_adapter(model, "lora")  # fp32 adapter weights in a bf16 base
+    # FSDP-QLoRA as scripts/train_distributed.py --fsdp loads it: 4-bit weights stored in bf16, fp32 adapters
+    model, _ = qu.load_model("tiny", bits=4, compute_dtype="bfloat16", quant_storage="bfloat16")
+    qu.add_adapter(model, "lora")
     batch = memory.random_batch(model, 2, 32)
     layers_only = lambda module, recurse, nonwrapped_numel: recurse or type(module) is type(model.model.layers[0])
     result = {}
@@ -104,7 +105,8 @@ if __name__ == "__main__":
 
 def test_fsdp_wraps_fp32_adapters_and_the_chunked_loss_runs_sharded(tmp_path):
     """FULL_SHARD over 2 CPU processes (gloo), what `make_trainer` does under an FSDP launch: with the decoder layers
-    as the only units FSDP refuses fp32 adapters in a bf16 base; train.fsdp_wrap_policy wraps them, and the chunked
+    as the only units FSDP refuses fp32 adapters beside 4-bit weights stored in bf16; train.fsdp_wrap_policy wraps
+    them, and the chunked
     loss (computed inside the model's forward, where FSDP has gathered the sharded lm_head) equals the model's own
     loss with the same sharded gradients."""
     import socket
@@ -125,3 +127,44 @@ def test_fsdp_wraps_fp32_adapters_and_the_chunked_loss_runs_sharded(tmp_path):
         assert abs(plain - chunked) <= 1e-5 * abs(plain), result["losses"]
         assert result["grad_tensors"] == 8 and result["grad_difference"] <= 1e-6  # 4 layers x (q, v) x (A, B)
     assert sum(r["shard_numel"] for r in ranks) == 4 * 2 * 16 * (128 + 128)  # sharded: the ranks split the LoRA
+
+
+def test_multi_gpu_table(tmp_path):
+    """benchmarks/multi_gpu_table.py on results shaped like train_distributed.py's: weak-scaling efficiency from the
+    1- and 2-GPU DDP runs, FSDP's peak per GPU beside the estimator's for the same shape and per-GPU batch."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import multi_gpu_table
+
+    from qadapter_utils import memory
+
+    def result(world, fsdp, tokens_per_s, peaks, model="random:llama2-7b", batch=8):
+        return dict(model=model, bits=4, method="lora", world_size=world, fsdp=fsdp, global_batch=batch * world,
+                    synthetic_length=512, steady_tokens_per_second=tokens_per_s, device="NVIDIA H200",
+                    peak_allocated_gib_per_process=peaks, max_weight_difference_between_processes=0.0)
+
+    (tmp_path / "ddp1.json").write_text(json.dumps(result(1, False, 8000.0, [6.1])))
+    (tmp_path / "ddp2.json").write_text(json.dumps(result(2, False, 14400.0, [6.3, 6.3])))
+    multi_gpu_table.main([str(tmp_path)])
+    table = (tmp_path / "table.md").read_text()
+    assert "| 90 % |" in table and "FSDP-QLoRA | | | not run or no result" in table and "| yes |" in table
+    (tmp_path / "fsdp2.json").write_text(json.dumps(result(2, True, 3000.0, [7.0, 7.2], "random:llama2-13b", 4)))
+    multi_gpu_table.main([str(tmp_path)])
+    table = (tmp_path / "table.md").read_text()
+    expected = memory.estimate_training_memory("llama2-13b", batch_size=4, seq_len=512, shards=2).total / 2**30
+    assert f"| 7.00-7.20 GiB | {expected:.2f} GiB |" in table
+
+
+def test_multi_gpu_script_names_what_exists():
+    """benchmarks/multi_gpu.sh runs only on a 2-GPU machine, which is rarely lent: what it imports, launches and
+    reads must exist, or the GPU time is lost at its first line (it imported a renamed private function once)."""
+    import importlib
+    import re
+
+    script = (ROOT / "benchmarks" / "multi_gpu.sh").read_text()
+    imports = re.findall(r"from (qadapter_utils[\w.]*) import (\w+)", script)
+    assert imports
+    for module, name in imports:
+        assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
+    for path in re.findall(r"(?:--config_file |python3 )((?:configs|scripts|benchmarks)/[\w/.]+)", script):
+        assert (ROOT / path).exists(), path
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "multi_gpu.sh")]).returncode == 0

@@ -378,6 +378,14 @@ def test_recipes_are_named_and_misuse_is_refused():
     mixed = memory.estimate_training_memory("llama2-7b", adapter="lora_all", batch_size=4, seq_len=2048,
                                             gradient_checkpointing=False, recipe="plain")
     assert mixed.total < no_mixed.total and mixed.inputs["autocast"] and not no_mixed.inputs["autocast"]
+    one = memory.estimate_training_memory("llama2-13b", batch_size=4, seq_len=512)
+    assert memory.estimate_training_memory("llama2-13b", batch_size=4, seq_len=512, shards=1).total == one.total
+    two = memory.estimate_training_memory("llama2-13b", batch_size=4, seq_len=512, shards=2)
+    four = memory.estimate_training_memory("llama2-13b", batch_size=4, seq_len=512, shards=4)
+    assert four.total < two.total < one.total and "FSDP over 2 GPUs, per GPU" in two.recipe
+    assert two.terms["activations"] == one.terms["activations"]  # the per-GPU batch is the same
+    with pytest.raises(ValueError, match="shards=0"):
+        memory.estimate_training_memory("llama2-7b", shards=0)
     offload = memory.estimate_training_memory("llama2-7b", compute_dtype="float16", seq_len=32768, tiled_mlp=4096,
                                               offload_checkpoints=True)
     assert "MLP tiles of 4096, offloaded checkpoints" in offload.recipe

@@ -193,12 +193,13 @@ class _Step:
     packed: bool = False  # packed (varlen) attention: q, k, v copied to (tokens, heads, dim), k/v to every head
     tile: int | None = None  # tiled MLP: tokens per tile (each tile checkpointed)
     offload: bool = False  # what the forward saves for backward (layer inputs, the loss's input) waits in CPU memory
+    shards: int = 1  # FSDP FULL_SHARD over this many GPUs: the estimate is one GPU's
 
     @classmethod
     def of(cls, shape: _Shape, parts, *, batch_size: int, seq_len: int, bits, compute_dtype, adapter_dtype,
            int8_outliers: float, attn_implementation: str, cuda: bool, autocast: bool = False,
            **pieces) -> _Step:
-        """pieces: the recipe's fields below autocast (casts_suspended, chunk, packed, tile, offload)."""
+        """pieces: the recipe's fields below autocast (casts_suspended, chunk, packed, tile, offload, shards)."""
         return cls(shape=shape, parts=tuple(parts), b=batch_size, s=seq_len, bits=bits,
                    e=_dtype_bytes(compute_dtype),
                    ea=4 if adapter_dtype in (None, "auto") else _dtype_bytes(adapter_dtype),
@@ -651,7 +652,7 @@ def estimate_training_memory(config="llama2-7b", *, bits: int | None = 4, quant_
                              optimizer: str | None = None, autocast: bool | None = None,
                              chunked_loss: bool | None = None, chunk_size: int = 2048,
                              packed_attention: bool | None = None, tiled_mlp: int | None = None,
-                             offload_checkpoints: bool = False, int8_outliers: float = 1.0,
+                             offload_checkpoints: bool = False, shards: int = 1, int8_outliers: float = 1.0,
                              input_requires_grad: bool | None = None, attn_implementation: str | None = None,
                              device: str = "cuda") -> MemoryEstimate:
     """Predict the peak `torch.cuda.max_memory_allocated()` of training `adapter` on a `bits`-quantized model
@@ -668,6 +669,9 @@ def estimate_training_memory(config="llama2-7b", *, bits: int | None = 4, quant_
     recipe's): optimizer, autocast (False: no mixed precision, add_adapter's casts only, as
     memory.measure_training_memory's own loop runs), chunked_loss, packed_attention, and the fast recipe's
     tiled_mlp (tokens per MLP tile) and offload_checkpoints (make_trainer's switches of the same names).
+    shards: FSDP FULL_SHARD over this many GPUs (scripts/train_distributed.py --fsdp with
+    configs/accelerate/fsdp_qlora.yaml), batch_size per GPU: the estimate is one GPU's peak. Modeled from how FSDP
+    shards and gathers; not yet checked against a measurement (issue #17).
     config: a transformers config or a shape name of qadapter_utils.models.SHAPES ("llama2-7b", "llama2-13b", ...).
     bits: 4 (NF4/FP4, double_quant), 8 (LLM.int8()) or None (unquantized, in compute_dtype).
     adapter: a preset name of qadapter_utils.methods.PRESETS ("lora", "lora_all", "prefix", "seq_bn", "par_bn",
@@ -698,6 +702,8 @@ def estimate_training_memory(config="llama2-7b", *, bits: int | None = 4, quant_
         raise ValueError(f"optimizer={optimizer!r} is not supported: use one of {', '.join(_OPTIMIZERS)}")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: use 'cuda' or 'cpu'")
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards={shards!r}: the number of GPUs FSDP shards the model over (1: no sharding)")
     config = _resolve_config(config)
     adapter_obj = _resolve_adapter(adapter)
     parts = _components(adapter_obj)
@@ -717,13 +723,13 @@ def estimate_training_memory(config="llama2-7b", *, bits: int | None = 4, quant_
                     casts_suspended=recipe == "make_trainer" and settings["autocast"],
                     chunk=chunk_size if settings["chunked_loss"] else None,
                     packed=settings["packed_attention"], tile=tiled_mlp,
-                    offload=offload_checkpoints and gradient_checkpointing)
+                    offload=offload_checkpoints and gradient_checkpointing, shards=shards)
     inputs = dict(config=getattr(config, "name_or_path", "") or type(config).__name__, bits=bits,
                   quant_type=quant_type, double_quant=double_quant, compute_dtype=str(compute_dtype),
                   adapter=adapter if isinstance(adapter, str) else type(adapter_obj).__name__,
                   adapter_dtype=str(adapter_dtype), batch_size=batch_size, seq_len=seq_len,
                   gradient_checkpointing=gradient_checkpointing, recipe=recipe, **settings,
-                  chunk_size=chunk_size, attn_implementation=attn_implementation)
+                  chunk_size=chunk_size, attn_implementation=attn_implementation, shards=shards)
     estimate = _estimate(step, config, adapter_obj, quant_type=quant_type, double_quant=double_quant,
                          compute_dtype=compute_dtype, gradient_checkpointing=gradient_checkpointing,
                          optimizer=settings["optimizer"],
@@ -745,6 +751,8 @@ def _recipe_name(inputs: dict) -> str:
         pieces.append(f"MLP tiles of {inputs['tiled_mlp']}")
     if inputs["offload_checkpoints"]:
         pieces.append("offloaded checkpoints")
+    if inputs["shards"] > 1:
+        pieces.append(f"FSDP over {inputs['shards']} GPUs, per GPU")
     return f"{inputs['recipe']} ({', '.join(pieces)})"
 
 
@@ -782,6 +790,16 @@ def _estimate(step: _Step, config, adapter_obj, *, quant_type: str, double_quant
     tensors = _adapter_tensors(config, adapter_obj, shape)
     adapter_bytes = sum(blk(n * ea) for n in tensors)
     opt_states, paged, opt_temp = _optimizer_bytes(optimizer, tensors, ea, blk)
+    if step.shards > 1:
+        # FSDP FULL_SHARD: each GPU holds 1/shards of every parameter, of its gradient and of its optimizer state;
+        # bitsandbytes' quantization constants live in quant_state, outside the parameters: whole on every GPU.
+        # While computing, FSDP gathers whole units: the root (embeddings, lm_head, final norm) from the start of
+        # the forward to the end of the backward, one decoder layer and, with backward prefetch, the next one.
+        # Modeled from how FSDP 1 runs accelerate's configs/accelerate/fsdp_qlora.yaml; not yet measured (#17).
+        n, packed = step.shards, weights["quantized_weights"]
+        quantized = -(-packed // n) + 2 * -(-packed // shape.L) + weights["constants"] + weights["code_tables"]
+        other = -(-weights["other_weights"] // n) + weights["other_weights"] + weights["buffers"]
+        adapter_bytes, opt_states, paged, opt_temp = (-(-x // n) for x in (adapter_bytes, opt_states, paged, opt_temp))
 
     # --- activations kept for backward ------------------------------------------------------------------------
     eager = step.eager
