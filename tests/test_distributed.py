@@ -24,10 +24,21 @@ def _run(command, out):
     return json.loads((out / "result.json").read_text()), torch.load(out / "adapter_vector.pt")
 
 
+def _free_port() -> int:
+    """A port no one listens on: notebook 08 launches on accelerate's default (29500), possibly at the same time
+    on the other pytest worker."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_processes_match_one(tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     two, two_weights = _run([str(accelerate), "launch", "--config_file", "configs/accelerate/ddp.yaml",
-                             "--num_processes", "2", str(SCRIPT), *ARGS], tmp_path / "two")
+                             "--main_process_port", str(_free_port()), "--num_processes", "2", str(SCRIPT), *ARGS],
+                            tmp_path / "two")
     one, one_weights = _run([sys.executable, str(SCRIPT), *ARGS], tmp_path / "one")
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["max_weight_difference_between_processes"] == 0.0  # the ranks hold the same adapter
@@ -109,11 +120,7 @@ def test_fsdp_wraps_fp32_adapters_and_the_chunked_loss_runs_sharded(tmp_path):
     them, and the chunked
     loss (computed inside the model's forward, where FSDP has gathered the sharded lm_head) equals the model's own
     loss with the same sharded gradients."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     script = tmp_path / "fsdp_check.py"
     script.write_text(FSDP_CHECK)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
