@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from memory_sweep import gpu_name, gpu_slug, versions  # noqa: E402
+from memory_sweep import Timeline, gpu_name, gpu_slug, versions  # noqa: E402
 
 from qadapter_utils import memory, methods, models  # noqa: E402
 from qadapter_utils.fast import set_attention, untile_mlp  # noqa: E402
@@ -169,39 +169,6 @@ def random_rows(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
     return [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
 
 
-class _Timeline:
-    """Op-by-op memory while active: (step, in backward, op, bytes allocated after it, peak during it) (CUDA)."""
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        rows = self.rows = []
-        self.step = [0]
-        step = self.step
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                rows.append((step[0], torch._C._current_autograd_node() is not None, func.overloadpacket.__name__,
-                             torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()))
-                torch.cuda.reset_peak_memory_stats()
-                return out
-
-        self.mode = Mode()
-
-    def last_step(self, threshold: int = 2**20) -> list:
-        """The last step's ops, only where memory moved by more than `threshold` (the record stays small)."""
-        last = max((r[0] for r in self.rows), default=0)
-        out, prev = [], None
-        for r in self.rows:
-            if r[0] != last:
-                continue
-            if prev is None or abs(r[3] - prev) > threshold or r[4] - max(r[3], prev) > threshold:
-                out.append(list(r[1:]))
-            prev = r[3]
-        return out
-
-
 def _trainer(model, tokenizer, spec: dict, rows: list, folder: str, steps: int):
     """The trainer of `spec`'s recipe: make_trainer, or a plain AdapterTrainer as users write it."""
     from adapters import AdapterTrainer
@@ -252,19 +219,19 @@ def measure(model, tokenizer, spec: dict, steps: int, timeline: bool) -> dict:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             record["allocated_before"] = torch.cuda.memory_allocated() if cuda else 0
-            tl = _Timeline() if timeline and cuda else None
+            tl = Timeline(0) if timeline and cuda else None  # labelled by optimizer step
             t = time.time()
             if tl is not None:
                 from transformers import TrainerCallback
 
                 class Step(TrainerCallback):
                     def on_step_begin(self, args, state, control, **kwargs):
-                        tl.step[0] = state.global_step
+                        tl.label[0] = state.global_step
 
                 trainer.add_callback(Step())
                 with tl.mode:
                     trainer.train()
-                record["timeline"] = tl.last_step()
+                record["timeline"] = tl.moved(max(r[0] for r in tl.rows))  # the last step
                 record["peak_allocated"] = max(r[4] for r in tl.rows)
             else:
                 trainer.train()

@@ -16,7 +16,8 @@ included, CUDA context not), delete the adapter. Every row starts as in a fresh 
 call); each row records `attn_implementation` and `input_requires_grad` as they were.
 Writes <out>/memory_<gpu>.json (rows + machine + versions) and <out>/memory_<gpu>.md (the table with the estimate
 beside each measurement), and one JSON line per row to <out>/rows.jsonl as it goes. Rows named in --timeline
-also get an op-by-op memory timeline (timelines.json: op, bytes allocated after it, peak during it), which is how
+also get an op-by-op memory timeline (timelines.json: phase, in backward or not, op, bytes allocated after it, peak
+during it), which is how
 the estimator's terms were found.
 """
 from __future__ import annotations
@@ -162,25 +163,37 @@ def allocated() -> int:
     return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
 
 
-class _Timeline:
-    """Op-by-op memory: after every aten op, the bytes allocated and the peak since the previous op (CUDA)."""
+class Timeline:
+    """Op-by-op memory while `mode` is active (CUDA): after every aten op a row (label, in backward, op, bytes
+    allocated after it, peak since the previous op); the caller sets `label[0]` (a phase, a step)."""
 
-    def __init__(self):
+    def __init__(self, label="setup"):
         from torch.utils._python_dispatch import TorchDispatchMode
 
         rows = self.rows = []
-        self.phase = ["setup"]
-        phase = self.phase
+        self.label = [label]
+        current = self.label
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
-                rows.append((phase[0], func.overloadpacket.__name__, torch.cuda.memory_allocated(),
-                             torch.cuda.max_memory_allocated()))
+                rows.append((current[0], torch._C._current_autograd_node() is not None, func.overloadpacket.__name__,
+                             torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()))
                 torch.cuda.reset_peak_memory_stats()
                 return out
 
         self.mode = Mode()
+
+    def moved(self, label, threshold: int = 2**20) -> list:
+        """The rows of `label` (without it) where memory moved by more than `threshold` (the record stays small)."""
+        out, prev = [], None
+        for r in self.rows:
+            if r[0] != label:
+                continue
+            if prev is None or abs(r[3] - prev) > threshold or r[4] - max(r[3], prev) > threshold:
+                out.append(list(r[1:]))
+            prev = r[3]
+        return out
 
 
 def timeline_step(model, batch_size, seq_len, optimizer_name, steps=2) -> list:
@@ -189,17 +202,17 @@ def timeline_step(model, batch_size, seq_len, optimizer_name, steps=2) -> list:
     opt = memory.make_optimizer(optimizer_name, params)
     batch = memory.random_batch(model, batch_size, seq_len)
     model.train()
-    tl = _Timeline()
+    tl = Timeline()
     for _step in range(steps):
         tl.rows.clear()
         torch.cuda.reset_peak_memory_stats()
         with tl.mode:
-            tl.phase[0] = "forward"
+            tl.label[0] = "forward"
             loss = model(**batch).loss
-            tl.phase[0] = "backward"
+            tl.label[0] = "backward"
             loss.backward()
             del loss
-            tl.phase[0] = "optimizer"
+            tl.label[0] = "optimizer"
             opt.step()
             opt.zero_grad(set_to_none=True)
     del opt
