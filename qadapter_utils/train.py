@@ -309,8 +309,8 @@ def make_trainer(model, tokenizer, train, eval=None, *, packing: bool = True, ma
     if getattr(trainer, "is_fsdp_enabled", False):  # launched with an FSDP config (accelerate)
         trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_wrap_policy(model)
     if chunked_loss:
-        trainer.compute_loss = _under_autocast(trainer, functools.partial(chunked_compute_loss,
-                                                                          chunk_size=chunk_size))
+        # computed inside model.forward (loss.causal_lm_loss), so under accelerate's autocast around it
+        trainer.compute_loss = functools.partial(chunked_compute_loss, chunk_size=chunk_size)
     if offload_checkpoints:
         trainer.compute_loss = fast.offloaded(trainer.compute_loss)
     return trainer
@@ -330,18 +330,6 @@ def fsdp_wrap_policy(model):
         return isinstance(module, layer_classes) or any(p.requires_grad for p in module.parameters(recurse=False))
 
     return policy
-
-
-def _under_autocast(trainer, compute_loss):
-    """`compute_loss` under the Trainer's mixed precision (trainer.accelerator.autocast(); nothing in full
-    precision). accelerate puts autocast around the model's own forward only (it wraps model.forward); the chunked
-    loss calls the decoder and lm_head itself, past that wrapper."""
-    @functools.wraps(compute_loss)
-    def wrapper(*args, **kwargs):
-        with trainer.accelerator.autocast():
-            return compute_loss(*args, **kwargs)
-
-    return wrapper
 
 
 def _precision_of_this_trainer(args: dict) -> None:

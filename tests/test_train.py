@@ -83,8 +83,8 @@ def test_mixed_precision_training_runs_without_the_cast_hooks_and_puts_them_back
         def on_step_end(self, args, state, control, **kwargs):
             seen.append(hooked())
 
-    for fast in (False, True):  # the Trainer's own loss, and the fast recipe (the chunked loss calls the decoder
-        # and lm_head itself, past accelerate's autocast around model.forward: it must run under autocast too)
+    for fast in (False, True):  # the Trainer's own loss, and the fast recipe (the chunked loss must run under the
+        # autocast accelerate puts around model.forward: it is computed inside the forward, lm_head swapped)
         seen.clear()
         trainer = make_trainer(model, tok, TRAIN[:8], output_dir=tmp_path / f"run-{fast}", max_steps=2, bf16=True,
                                per_device_train_batch_size=4, save_strategy="no", disable_tqdm=True,
