@@ -28,23 +28,19 @@ TOLERANCE = 0.10  # the sweep's target: |estimate - measured| <= 10% of measured
 GRID_TOLERANCE = 0.05  # issue #14's target for every committed grid row
 
 
-def _table_rows():
-    out = []
-    for path in RESULTS:
-        doc = json.loads(path.read_text())
-        for row in doc["rows"]:
-            if "peak_allocated" in row:
-                out.append(pytest.param(row, id=f"{path.stem}-{row['index']}"))
-    return out
+def _measured_rows(paths):
+    """Every row of these result tables with a measured peak, as a pytest parameter named after its table and row."""
+    return [pytest.param(row, id="-".join(str(part) for part in (path.stem, row.get("grid"), row["index"])
+                                          if part is not None))
+            for path in paths for row in json.loads(path.read_text())["rows"] if row.get("peak_allocated")]
 
 
-def _grid_rows(trained: bool = True):
-    out = []
-    for path in GRID_RESULTS:
-        for row in json.loads(path.read_text())["rows"]:
-            if bool(row.get("peak_allocated")) == trained:
-                out.append(pytest.param(row, id=f"{path.stem}-{row['grid']}-{row['index']}"))
-    return out
+def _assert_estimate_within(row, tolerance):
+    estimate = memory.estimate_for_row(row)
+    measured = row["peak_allocated"]
+    error = (estimate - measured) / measured
+    assert abs(error) <= tolerance, (f"{row['key']}: estimated {estimate / 2**30:.3f} GiB, measured "
+                                     f"{measured / 2**30:.3f} GiB ({100 * error:+.1f}%)")
 
 
 def test_grid_tables_cover_what_users_run():
@@ -66,14 +62,10 @@ def test_grid_tables_cover_what_users_run():
     assert "mistral-7b" in {r["model"] for r in rows}
 
 
-@pytest.mark.parametrize("row", _grid_rows())
+@pytest.mark.parametrize("row", _measured_rows(GRID_RESULTS))
 def test_estimate_within_5_percent_of_the_grid(row):
     """Every committed row of the grid: the estimate of the row's recipe within 5 % of the measured peak."""
-    estimate = memory.estimate_for_row(row)
-    measured = row["peak_allocated"]
-    error = (estimate - measured) / measured
-    assert abs(error) <= GRID_TOLERANCE, (f"{row['key']}: estimated {estimate / 2**30:.3f} GiB, measured "
-                                          f"{measured / 2**30:.3f} GiB ({100 * error:+.1f}%)")
+    _assert_estimate_within(row, GRID_TOLERANCE)
 
 
 def test_planner_agrees_with_the_t4_stand_in():
@@ -124,13 +116,9 @@ def test_gpu_tables_exist_and_cover_the_target_grid():
         assert r["model"] == "random:llama2-7b"
 
 
-@pytest.mark.parametrize("row", _table_rows())
+@pytest.mark.parametrize("row", _measured_rows(RESULTS))
 def test_estimate_within_10_percent_of_gpu_measurement(row):
-    estimate = memory.estimate_for_row(row)
-    measured = row["peak_allocated"]
-    error = (estimate - measured) / measured
-    assert abs(error) <= TOLERANCE, (f"{row['key']}: estimated {estimate / 2**30:.3f} GiB, measured "
-                                     f"{measured / 2**30:.3f} GiB ({100 * error:+.1f}%)")
+    _assert_estimate_within(row, TOLERANCE)
 
 
 def test_gpu_table_adapter_params_are_counted_exactly():
