@@ -148,18 +148,9 @@ def row_key(r: dict) -> str:
 
 
 def load(shape: str, bits: int, dtype: torch.dtype):
-    """The base in `bits` with compute dtype `dtype` from the random checkpoint of `shape`, and the tiny tokenizer
-    (random shapes have none: the collators need only its pad id)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = models.random_checkpoint(shape, torch.float16 if dtype == torch.float16 else torch.bfloat16)
-    device = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device,
-                                                 quantization_config=models.bnb_config(bits, compute_dtype=dtype))
-    tokenizer = AutoTokenizer.from_pretrained(models.TINY_DIR)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    return model, tokenizer
+    """(model, tokenizer): the random-weight checkpoint of `shape` in `bits` with compute dtype `dtype`, loaded as the
+    notebooks load it (random shapes come with the tiny tokenizer: the collators need only its pad id)."""
+    return models.load_model(f"random:{shape}", bits=bits, compute_dtype=dtype)
 
 
 def random_rows(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -258,15 +249,6 @@ def measure(model, tokenizer, spec: dict, steps: int, timeline: bool) -> dict:
         if cuda:
             torch.cuda.empty_cache()
     return record
-
-
-def estimate_of(spec: dict, record: dict) -> dict:
-    """The fields estimate_for_row reads, for a measured row."""
-    return dict(model=spec["shape"], bits=spec["bits"], double_quant=True, quant_type="nf4",
-                compute_dtype=spec["compute_dtype"], adapter_config=record["adapter_config"],
-                overrides={}, batch_size=spec["batch_size"], seq_len=spec["seq_len"],
-                gradient_checkpointing=spec["gradient_checkpointing"], optimizer=record["optimizer"],
-                recipe=spec["recipe"], **spec["switches"])
 
 
 def run(args) -> list[dict]:
